@@ -1,0 +1,97 @@
+"""Loading FLUX pipelines (hub id, local directory or the offline tiny model) for training and inference.
+
+`model.path` accepts a hub id (`black-forest-labs/FLUX.1-dev`), a local diffusers directory, or `tiny`
+(the offline tiny FLUX, built on first use into the cache directory). Every failure to find the model is
+reported as one `ModelNotFoundError` line naming the path and the config key, before diffusers starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+TINY = "tiny"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The configured model cannot be found or read."""
+
+
+def cache_dir() -> Path:
+    """Where built artefacts (tiny FLUX, synthetic shards, shapes models) are cached."""
+    return Path(os.environ.get("REFLECTIONFLOW_CACHE", Path.home() / ".cache" / "reflectionflow"))
+
+
+def resolve_model_path(path: str | os.PathLike, config_key: str = "model.path") -> str:
+    """Return a local directory or hub id for `path`, failing early with one clear line if it is unusable."""
+    path = str(path)
+    if path == TINY:
+        from reflectionflow.models.tiny import build_tiny_flux
+
+        return str(build_tiny_flux(cache_dir() / "tiny-flux"))
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"{local} is not a diffusers pipeline directory (no model_index.json); set {config_key}=<dir or hub id>"
+            )
+        return str(local)
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelNotFoundError(f"model path {path!r} does not exist; set {config_key}=<dir or hub id>")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        # Only resolves (downloads if allowed) the pipeline index, so a wrong id fails before any weights load.
+        snapshot_download(path, allow_patterns=["model_index.json"])
+    except HFValidationError as err:
+        raise ModelNotFoundError(f"invalid hub id {path!r} ({err}); set {config_key}=<dir or hub id>") from None
+    except Exception as err:  # offline, gated, missing: huggingface_hub raises many types
+        raise ModelNotFoundError(
+            f"cannot fetch {path!r} from the hub ({type(err).__name__}); set {config_key}=<local dir> "
+            "or log in / go online"
+        ) from None
+    return path
+
+
+def resolve_lora_path(path: str | os.PathLike, config_key: str = "model.lora_path") -> str:
+    """A LoRA directory (diffusers format) or a hub id, checked before any model loads."""
+    local = Path(str(path)).expanduser()
+    if local.is_dir():
+        if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+            raise ModelNotFoundError(f"LoRA directory {local} holds no weights; set {config_key}=<dir>")
+        return str(local)
+    if local.is_file():
+        return str(local)
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+        return str(path)
+    raise ModelNotFoundError(f"LoRA path {str(path)!r} does not exist; set {config_key}=<dir>")
+
+
+def load_flux_pipeline(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    lora_path: str | os.PathLike | None = None,
+    adapter_name: str = "reflection",
+    config_key: str = "model.path",
+):
+    """Load a `FluxPipeline` (optionally with a LoRA adapter) from a hub id, a local directory or `tiny`."""
+    from diffusers import FluxPipeline
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    resolved = resolve_model_path(path, config_key)
+    lora = resolve_lora_path(lora_path) if lora_path else None
+    try:
+        pipe = FluxPipeline.from_pretrained(resolved, torch_dtype=dtype)
+    except OSError as err:
+        raise ModelNotFoundError(f"cannot read FLUX pipeline at {resolved!r}: {err}; set {config_key}=...") from None
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(lora, adapter_name=adapter_name)
+    return pipe.to(device)
