@@ -1,0 +1,91 @@
+"""The corrector's LoRA adapter: the paper's target modules, rank 256 by default, diffusers-format files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ADAPTER_NAME = "reflection"
+
+# The paper's target set (OminiControl's): the image-stream layers of every block plus x_embedder. A regex,
+# so single-block `proj_out` is taken and the final `proj_out` is not.
+PAPER_TARGET_MODULES = (
+    r"^(x_embedder"
+    r"|transformer_blocks\.\d+\.(norm1\.linear|attn\.to_q|attn\.to_k|attn\.to_v|attn\.to_out\.0|ff\.net\.2)"
+    r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_q|attn\.to_k|attn\.to_v))$"
+)
+TARGET_PRESETS = {"paper": PAPER_TARGET_MODULES}
+
+
+def add_lora(
+    transformer,
+    rank: int = 256,
+    alpha: float | None = None,
+    target_modules: str | list[str] = "paper",
+    dropout: float = 0.0,
+    adapter_name: str = ADAPTER_NAME,
+    init: str | bool = "gaussian",
+):
+    """Add a trainable peft LoRA to `transformer` (freezing the rest); returns the adapter's parameters.
+
+    `target_modules` is a preset name (`paper`), a regex, or a list of module-name suffixes (peft rules).
+    `alpha` defaults to `rank` (scale 1).
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"lora rank must be >= 1, got {rank}")
+    if isinstance(target_modules, str):
+        target_modules = TARGET_PRESETS.get(target_modules, target_modules)
+    else:
+        target_modules = list(target_modules)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        init_lora_weights=init,
+        target_modules=target_modules,
+    )
+    transformer.requires_grad_(False)
+    transformer.add_adapter(config, adapter_name=adapter_name)
+    transformer.set_adapter(adapter_name)
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+    for p in params:
+        p.requires_grad_(True)
+    if not params:
+        raise ValueError(f"lora target_modules {target_modules!r} matched no layer of the transformer")
+    return params
+
+
+def lora_state_dict(transformer, adapter_name: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
+    """The adapter's weights with peft's (diffusers-compatible) key names."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+
+
+def save_lora(
+    transformer,
+    directory: str | os.PathLike,
+    adapter_name: str = ADAPTER_NAME,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the adapter in diffusers format (`FluxPipeline.load_lora_weights(directory)` reads it).
+
+    The peft config is saved as adapter metadata, so rank, alpha and targets survive a reload even when
+    `alpha != rank`. `state_dict` lets distributed training pass an already-gathered full state.
+    """
+    from diffusers import FluxPipeline
+
+    directory = Path(directory)
+    state_dict = lora_state_dict(transformer, adapter_name) if state_dict is None else state_dict
+    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    FluxPipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=state_dict,
+        transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict(),
+        safe_serialization=True,
+    )
+    return directory
