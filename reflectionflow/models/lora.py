@@ -54,8 +54,6 @@ def add_lora(
     params = [p for n, p in transformer.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
     for p in params:
         p.requires_grad_(True)
-    if not params:
-        raise ValueError(f"lora target_modules {target_modules!r} matched no layer of the transformer")
     return params
 
 

@@ -1,0 +1,309 @@
+"""`ReflectionFluxPipeline`: the corrector as a diffusers-style pipeline, and the batched generator the
+search engine drives.
+
+Without an image it is plain FLUX text-to-image (LoRA off), sampling exactly like `FluxPipeline`; with an
+image it regenerates from the flawed image, the prompt and a reflection. Text embeddings are memoised per
+(CLIP text, T5 text); in `causal` mode the condition's keys/values are computed once per (image, prompt)
+and reused for every step and chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from reflectionflow.models.corrector import (
+    ATTENTION_MODES,
+    _lora_layers,
+    build_condition_cache,
+    condition_ids,
+    corrector_forward,
+    latent_ids,
+    lora_disabled,
+    pack_latents,
+    unpack_latents,
+)
+from reflectionflow.models.lora import ADAPTER_NAME
+from reflectionflow.models.text import t5_text
+
+
+def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False):
+    """Pixels in [-1, 1] (B, 3, H, W) -> packed, shifted and scaled latent tokens (B, N, 64)."""
+    dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+    latents = dist.sample(generator) if sample else dist.mode()
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return pack_latents(latents)
+
+
+def decode_tokens(vae, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Packed latent tokens -> pixels in [-1, 1]; `height`/`width` in pixels."""
+    latents = unpack_latents(tokens, height // 8, width // 8)
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+
+
+@dataclass
+class TextEmbedding:
+    t5: torch.Tensor  # (L, D)
+    pooled: torch.Tensor  # (P,)
+
+
+class ReflectionFluxPipeline:
+    """FLUX + reflection LoRA. `__call__(prompt, image, reflection, ...)` follows diffusers' conventions."""
+
+    def __init__(
+        self,
+        flux,
+        *,
+        attention: str = "union",
+        lora_on_target: bool = False,
+        condition_size: int = 512,
+        max_sequence_length: int = 512,
+        micro_batch: int = 8,
+        text_cache_size: int = 4096,
+    ):
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
+        if condition_size % 16:
+            raise ValueError(f"condition_size must be a multiple of 16, got {condition_size}")
+        self.flux = flux
+        self.attention = attention
+        self.lora_on_target = lora_on_target
+        self.condition_size = condition_size
+        self.max_sequence_length = max_sequence_length
+        self.micro_batch = micro_batch
+        self._text_cache: OrderedDict[tuple[str, str], TextEmbedding] = OrderedDict()
+        self._text_cache_size = text_cache_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        lora_path: str | None = None,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        device: str = "cpu",
+        **kwargs,
+    ) -> ReflectionFluxPipeline:
+        from reflectionflow.models.loading import load_flux_pipeline
+
+        flux = load_flux_pipeline(path, dtype=dtype, device=device, lora_path=lora_path, adapter_name=ADAPTER_NAME)
+        return cls(flux, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------
+    @property
+    def transformer(self):
+        return self.flux.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def nfe_per_image(self, num_inference_steps: int, true_cfg_scale: float = 1.0) -> int:
+        """Transformer forward passes one image costs."""
+        return num_inference_steps * (2 if true_cfg_scale > 1 else 1)
+
+    @torch.no_grad()
+    def encode_text(self, clip_texts: list[str], t5_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) T5 and (B, P) pooled CLIP embeddings, memoised per (CLIP text, T5 text)."""
+        keys = list(zip(clip_texts, t5_texts, strict=True))
+        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
+        if missing:
+            t5, pooled, _ = self.flux.encode_prompt(
+                prompt=[k[0] for k in missing],
+                prompt_2=[k[1] for k in missing],
+                device=self.device,
+                max_sequence_length=self.max_sequence_length,
+            )
+            for i, key in enumerate(missing):
+                self._text_cache[key] = TextEmbedding(t5[i], pooled[i])
+        for key in keys:
+            self._text_cache.move_to_end(key)
+        while len(self._text_cache) > self._text_cache_size:
+            self._text_cache.popitem(last=False)
+        entries = [self._text_cache[k] for k in keys]
+        return torch.stack([e.t5 for e in entries]), torch.stack([e.pooled for e in entries])
+
+    @torch.no_grad()
+    def encode_condition(self, images: list[Image.Image]) -> torch.Tensor:
+        """Flawed images -> packed clean latents at `condition_size` (B, N_cond, 64)."""
+        size = self.condition_size
+        pixels = self.flux.image_processor.preprocess(images, height=size, width=size)
+        return encode_images(self.flux.vae, pixels.to(self.device, self.dtype))
+
+    def initial_noise(self, seed: int, height: int, width: int) -> torch.Tensor:
+        """The packed initial noise (N, 64) `FluxPipeline` draws for `torch.Generator().manual_seed(seed)`."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (1, self.transformer.config.in_channels // 4, 2 * (height // 16), 2 * (width // 16))
+        return pack_latents(torch.randn(shape, generator=generator, dtype=self.dtype))[0]
+
+    # ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        noises: torch.Tensor,
+        height: int,
+        width: int,
+        conditions: list[Image.Image] | None = None,
+        reflections: list[str | None] | None = None,
+        original_prompts: list[str] | None = None,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        true_cfg_scale: float = 1.0,
+        output_type: str = "pil",
+    ) -> list[Image.Image] | np.ndarray:
+        """Batched generation for the search: one image per prompt from the given initial noises.
+
+        `conditions` switches to the corrector: T5 sees `"{prompt} [Reflexion] {reflection}"`, the pooled
+        CLIP embedding comes from `original_prompts` (default: `prompts`). Runs in micro-batches.
+        """
+        batch = len(prompts)
+        if noises.shape[0] != batch:
+            raise ValueError(f"noises: expected {batch} rows, got shape {tuple(noises.shape)}")
+        reflections = reflections or [None] * batch
+        original_prompts = original_prompts or prompts
+        if conditions is not None and len(conditions) != batch:
+            raise ValueError(f"conditions: expected {batch} images, got {len(conditions)}")
+        images = []
+        for start in range(0, batch, self.micro_batch):
+            part = slice(start, start + self.micro_batch)
+            tokens = self._denoise(
+                prompts[part], original_prompts[part], reflections[part],
+                conditions[part] if conditions is not None else None,
+                noises[part].to(self.device, self.dtype), height, width,
+                num_inference_steps, guidance_scale, true_cfg_scale,
+            )
+            pixels = decode_tokens(self.flux.vae, tokens, height, width)
+            images.append(self.flux.image_processor.postprocess(pixels, output_type=output_type))
+        if output_type == "pil":
+            return [image for part in images for image in part]
+        return np.concatenate(images) if output_type == "np" else torch.cat(images)
+
+    def _denoise(self, prompts, original_prompts, reflections, conditions, noise, height, width, steps, guidance_scale, true_cfg_scale):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        batch = noise.shape[0]
+        corrector = conditions is not None
+        if corrector:  # T5 reads the (possibly refined) prompt + reflection; CLIP keeps the original prompt
+            clip_texts = list(original_prompts)
+            t5_texts = [t5_text(p, r) for p, r in zip(prompts, reflections, strict=True)]
+        else:
+            clip_texts = t5_texts = list(prompts)
+        t5, pooled = self.encode_text(clip_texts, t5_texts)
+        cfg = true_cfg_scale > 1
+        if cfg:  # unconditional branch: empty T5 text (the training text drop), same pooled prompt and condition
+            neg_t5, _ = self.encode_text(clip_texts, [""] * batch)
+            t5, pooled = torch.cat([t5, neg_t5]), torch.cat([pooled, pooled])
+        rows = 2 * batch if cfg else batch
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.flux.scheduler.config)
+        mu = calculate_shift(
+            noise.shape[1],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=self.device)
+        scheduler.set_begin_index(0)
+
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((rows,), guidance_scale, device=self.device, dtype=torch.float32)
+        forward = dict(
+            encoder_hidden_states=t5.to(self.dtype),
+            pooled_projections=pooled.to(self.dtype),
+            img_ids=latent_ids(2 * (height // 16), 2 * (width // 16), device=self.device, dtype=self.dtype),
+            txt_ids=torch.zeros(t5.shape[1], 3, device=self.device, dtype=self.dtype),
+            guidance=guidance,
+            attention=self.attention,
+            lora_on_target=self.lora_on_target,
+        )
+        lora_off = []
+        if corrector:
+            forward.update(self._condition_inputs(conditions, clip_texts, pooled, cfg))
+        else:  # the base model: every adapter path skipped
+            lora_off = _lora_layers(self.transformer)
+
+        latents = noise
+        with lora_disabled(lora_off):
+            for t in scheduler.timesteps:
+                hidden = torch.cat([latents, latents]) if cfg else latents
+                velocity = corrector_forward(
+                    self.transformer, hidden_states=hidden, timestep=(t / 1000).expand(rows).to(self.dtype), **forward
+                )
+                if cfg:
+                    cond_v, uncond_v = velocity.chunk(2)
+                    velocity = uncond_v + true_cfg_scale * (cond_v - uncond_v)
+                latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        return latents
+
+    def _condition_inputs(self, conditions, clip_texts, pooled, cfg) -> dict:
+        """Condition latents (union) or a KV cache over unique (image, prompt) pairs (causal)."""
+        keys = [(_image_key(img), text) for img, text in zip(conditions, clip_texts, strict=True)]
+        unique = list(dict.fromkeys(keys))
+        first = {key: keys.index(key) for key in unique}
+        latents = self.encode_condition([conditions[first[k]] for k in unique])
+        ids = condition_ids(self.condition_size, device=self.device, dtype=self.dtype)
+        index = torch.tensor([unique.index(k) for k in keys], device=self.device)
+        if cfg:
+            index = torch.cat([index, index])
+        if self.attention == "causal":
+            cache = build_condition_cache(
+                self.transformer,
+                cond_hidden_states=latents,
+                cond_ids=ids,
+                pooled_projections=pooled[[first[k] for k in unique]].to(self.dtype),
+            )
+            return {"cond_cache": cache if len(unique) == 1 else cache.select(index)}
+        return {"cond_hidden_states": latents[index], "cond_ids": ids}
+
+    # ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image] | None = None,
+        reflection: str | list[str] | None = None,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int = 1024,
+        width: int = 1024,
+        latents: torch.Tensor | None = None,
+        true_cfg_scale: float = 1.0,
+        output_type: str = "pil",
+    ) -> list[Image.Image] | np.ndarray:
+        """Generate (no `image`) or correct (`image` + `reflection`) one image per prompt."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+        conditions = None
+        if image is not None:
+            conditions = [image] * batch if isinstance(image, Image.Image) else list(image)
+        reflections = [reflection] * batch if reflection is None or isinstance(reflection, str) else list(reflection)
+        if latents is None:
+            shape = (batch, self.transformer.config.in_channels // 4, 2 * (height // 16), 2 * (width // 16))
+            latents = pack_latents(randn_tensor(shape, generator=generator, dtype=self.dtype))
+        return self.generate(
+            prompts, noises=latents, height=height, width=width, conditions=conditions, reflections=reflections,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+            output_type=output_type,
+        )
+
+
+def _image_key(image: Image.Image) -> str:
+    """Content hash, so chains holding equal flawed images share one condition cache entry."""
+    return hashlib.blake2b(image.tobytes() + repr((image.size, image.mode)).encode(), digest_size=16).hexdigest()
