@@ -1,0 +1,25 @@
+"""Configuration helpers shared by the apps: the user-error type and secret redaction."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+SECRET_KEY = re.compile(r"(api_?key|token|secret|password|passwd|authorization)$", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the config key to change."""
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of a nested config with the values of secret-looking keys replaced (for logs and W&B).
+
+    Keys naming where a secret comes from (`api_key_env`) are kept: they hold a variable name, not a secret.
+    """
+    if isinstance(value, dict):
+        return {k: (REDACTED if SECRET_KEY.search(str(k)) and v else redact_secrets(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_secrets(v) for v in value]
+    return value

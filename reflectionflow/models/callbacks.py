@@ -1,0 +1,164 @@
+"""Training callbacks: diffusers-format LoRA snapshots, validation panels, data statistics."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image, ImageDraw
+
+from reflectionflow.models.lora import save_lora
+
+
+def _run_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.default_root_dir)
+
+
+def _every(trainer: L.Trainer, every_n_steps: int, state: dict) -> bool:
+    """True once per optimizer step that is a multiple of `every_n_steps` (not per micro-batch)."""
+    step = trainer.global_step
+    if every_n_steps <= 0 or step == 0 or step % every_n_steps or state.get("last") == step:
+        return False
+    state["last"] = step
+    return True
+
+
+class LoraSnapshots(L.Callback):
+    """Every N optimizer steps and at the end: `<run>/lora/step-NNNNNNN/` (loadable by
+    `FluxPipeline.load_lora_weights`), keeping the last K, plus `<run>/lora/final/`."""
+
+    def __init__(self, every_n_steps: int = 500, keep_last: int = 3, dirname: str = "lora"):
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self.dirname = dirname
+        self._state: dict = {}
+
+    def _save(self, trainer: L.Trainer, module, name: str) -> None:
+        state = module.lora_state()  # a collective under FSDP2: every rank calls it
+        if trainer.is_global_zero:
+            root = _run_dir(trainer) / self.dirname
+            save_lora(module.transformer, root / name, state_dict=state)
+            snapshots = sorted(root.glob("step-*"))
+            for old in snapshots[: max(0, len(snapshots) - self.keep_last)]:
+                shutil.rmtree(old)
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _every(trainer, self.every_n_steps, self._state):
+            self._save(trainer, pl_module, f"step-{trainer.global_step:07d}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "final")
+
+
+class ValidationPanels(L.Callback):
+    """Every N steps, correct the datamodule's fixed held-out flawed images with their reflections and log
+    a `flawed | corrected | target` panel per sample, captioned with the reflection (PNG files in
+    `<run>/validation/`, and images in loggers that take them, e.g. W&B)."""
+
+    def __init__(self, every_n_steps: int = 500, num_inference_steps: int = 28, guidance_scale: float = 3.5, seed: int = 0):
+        self.every_n_steps = every_n_steps
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self._state: dict = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _every(trainer, self.every_n_steps, self._state):
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._state.get("last") != trainer.global_step:
+            self.run(trainer, pl_module)
+
+    @torch.no_grad()
+    def run(self, trainer, pl_module) -> None:
+        from reflectionflow.models.pipeline import ReflectionFluxPipeline
+
+        samples = getattr(trainer.datamodule, "validation_samples", lambda: [])()
+        if not samples:
+            return
+        hp = pl_module.hparams
+        pipe = ReflectionFluxPipeline(pl_module.pipe, attention=hp.attention, lora_on_target=hp.lora_on_target,
+                                      condition_size=hp.condition_size, max_sequence_length=hp.max_sequence_length)
+        was_training = pl_module.training
+        pl_module.eval()
+        size = samples[0]["image"].size
+        corrected = pipe(
+            [s["prompt"] for s in samples],
+            image=[s["condition"] for s in samples],
+            reflection=[s["reflection"] for s in samples],
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            generator=[torch.Generator().manual_seed(self.seed + i) for i in range(len(samples))],
+            height=size[1],
+            width=size[0],
+        )
+        pl_module.train(was_training)
+        panels = [_panel(s["condition"], c, s["image"]) for s, c in zip(samples, corrected, strict=True)]
+        captions = [s["reflection"] for s in samples]
+        self._log(trainer, panels, captions)
+
+    @rank_zero_only
+    def _log(self, trainer, panels: list[Image.Image], captions: list[str]) -> None:
+        out = _run_dir(trainer) / "validation"
+        out.mkdir(parents=True, exist_ok=True)
+        for i, panel in enumerate(panels):
+            panel.save(out / f"step-{trainer.global_step:07d}-{i}.png")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("validation/panels", panels, step=trainer.global_step, caption=captions)
+
+
+def _panel(flawed: Image.Image, corrected: Image.Image, target: Image.Image) -> Image.Image:
+    """`flawed | corrected | target` side by side at the target's size."""
+    size = target.size
+    row = np.concatenate([np.asarray(im.convert("RGB").resize(size)) for im in (flawed, corrected, target)], axis=1)
+    panel = Image.fromarray(row)
+    draw = ImageDraw.Draw(panel)
+    for i, label in enumerate(("flawed", "corrected", "target")):
+        draw.text((i * size[0] + 2, 1), label, fill=(255, 255, 255))
+    return panel
+
+
+class DataStats(L.Callback):
+    """Logs the current subset weights of the warm-up schedule and the skipped-sample counts per reason."""
+
+    def __init__(self, every_n_steps: int = 10):
+        self.every_n_steps = every_n_steps
+        self._state: dict = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not _every(trainer, self.every_n_steps, self._state):
+            return
+        datamodule = trainer.datamodule
+        metrics = {}
+        if hasattr(datamodule, "subset_weights"):
+            metrics.update({f"data/weight_{k}": float(v) for k, v in datamodule.subset_weights(trainer.global_step).items()})
+        if hasattr(datamodule, "skipped_counts"):
+            metrics.update({f"data/skipped_{k}": float(v) for k, v in datamodule.skipped_counts(batch).items()})
+        if metrics:
+            pl_module.log_dict(metrics, batch_size=1, reduce_fx="max")
+
+
+class SamplesPerSecond(L.Callback):
+    """Logs training samples per second (all ranks) over the last `window` optimizer steps."""
+
+    def __init__(self, window: int = 10):
+        self.window = window
+        self._marks: list[tuple[float, int]] = []
+        self._samples = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        self._samples += batch["image"].shape[0] * trainer.world_size
+        self._marks.append((time.perf_counter(), self._samples))
+        self._marks = self._marks[-(self.window + 1) :]
+        if len(self._marks) > 1:
+            (t0, s0), (t1, s1) = self._marks[0], self._marks[-1]
+            pl_module.log("train/samples_per_sec", (s1 - s0) / max(t1 - t0, 1e-9), batch_size=1)

@@ -1,0 +1,161 @@
+"""Reflection tuning as a LightningModule: LoRA on the FLUX transformer, flow matching on target tokens.
+
+Frozen VAE and text encoders stay outside the module's parameters (not checkpointed, not wrapped by
+DDP/FSDP); the transformer is registered so strategies see it, but only its LoRA weights train and only
+they go into checkpoints. Every random draw of a step (noise, timestep, VAE sample) comes from a generator
+seeded by (seed, global step, rank, micro-batch), so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
+from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict
+from reflectionflow.models.pipeline import encode_images
+
+
+class ReflectionTuningModule(L.LightningModule):
+    """Train the corrector LoRA on (flawed image, enhanced image, reflection) batches."""
+
+    def __init__(
+        self,
+        path: str = "tiny",
+        weight_dtype: str = "float32",
+        lora_rank: int = 256,
+        lora_alpha: float | None = None,
+        lora_target_modules: str | list[str] = "paper",
+        lora_dropout: float = 0.0,
+        attention: str = "union",
+        lora_on_target: bool = False,
+        condition_size: int = 512,
+        guidance: float = 1.0,
+        timestep_mean: float = 0.0,
+        timestep_std: float = 1.0,
+        max_sequence_length: int = 512,
+        gradient_checkpointing: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.strict_loading = False  # checkpoints hold the LoRA weights only
+        self.pipe = None  # the FluxPipeline; its transformer is registered as `self.transformer`
+        self._micro_step = (-1, 0)  # (global step, micro-batch within it)
+
+    # ---------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.pipe is not None:
+            return
+        from reflectionflow.models.loading import load_flux_pipeline
+
+        hp = self.hparams
+        self.pipe = load_flux_pipeline(hp.path, dtype=getattr(torch, hp.weight_dtype))
+        for component in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
+            component.requires_grad_(False).eval()
+        add_lora(self.pipe.transformer, rank=hp.lora_rank, alpha=hp.lora_alpha,
+                 target_modules=hp.lora_target_modules, dropout=hp.lora_dropout)
+        for p in self.pipe.transformer.parameters():  # LoRA trains in fp32 even on bf16 base weights
+            if p.requires_grad:
+                p.data = p.data.float()
+        if hp.gradient_checkpointing:
+            self.pipe.transformer.enable_gradient_checkpointing()
+        self.transformer = self.pipe.transformer
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        if mesh is not None:  # ModelParallelStrategy: FSDP2 over the transformer blocks, then the root
+            from torch.distributed.fsdp import fully_shard
+
+            dp_mesh = mesh["data_parallel"]
+            for block in [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]:
+                fully_shard(block, mesh=dp_mesh)
+            fully_shard(self.transformer, mesh=dp_mesh)
+
+    def on_fit_start(self) -> None:
+        for component in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
+            component.to(self.device)
+
+    def configure_optimizers(self):
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-4)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------------
+    def _step_generator(self) -> torch.Generator:
+        step, micro = self._micro_step
+        micro = micro + 1 if step == self.global_step else 0
+        self._micro_step = (self.global_step, micro)
+        key = (self.hparams.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank * 67 + micro
+        return torch.Generator(self.device).manual_seed(key % (2**63))
+
+    @torch.no_grad()
+    def encode_batch(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Frozen encoders: target/condition latents and the (pooled CLIP, T5) text embeddings."""
+        vae = self.pipe.vae
+        target = encode_images(vae, batch["image"].to(self.device), generator=generator, sample=True)
+        condition = encode_images(vae, batch["condition"].to(self.device), generator=generator, sample=True)
+        t5, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(batch["prompt"]), prompt_2=list(batch["t5_text"]), device=self.device,
+            max_sequence_length=self.hparams.max_sequence_length,
+        )
+        return {"target": target, "condition": condition, "t5": t5, "pooled": pooled}
+
+    def flow_matching_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """x_t = (1 - t) x0 + t noise, velocity target noise - x0, MSE on target tokens; t ~ logit-normal."""
+        hp = self.hparams
+        enc = self.encode_batch(batch, generator)
+        x0 = enc["target"].float()
+        b = x0.shape[0]
+        t = torch.sigmoid(torch.randn(b, generator=generator, device=self.device) * hp.timestep_std + hp.timestep_mean)
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        target_size = batch["image"].shape[-2:]
+        dtype = self.transformer.dtype
+        velocity = corrector_forward(
+            self.transformer,
+            hidden_states=xt.to(dtype),
+            encoder_hidden_states=enc["t5"].to(dtype),
+            pooled_projections=enc["pooled"].to(dtype),
+            timestep=t.to(dtype),
+            img_ids=latent_ids(target_size[0] // 8, target_size[1] // 8, device=self.device, dtype=dtype),
+            txt_ids=torch.zeros(enc["t5"].shape[1], 3, device=self.device, dtype=dtype),
+            guidance=torch.full((b,), hp.guidance, device=self.device) if self.transformer.config.guidance_embeds else None,
+            cond_hidden_states=enc["condition"].to(dtype),
+            cond_ids=condition_ids(batch["condition"].shape[-1], device=self.device, dtype=dtype),
+            attention=hp.attention,
+            lora_on_target=hp.lora_on_target,
+        )
+        return F.mse_loss(velocity.float(), noise - x0)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.flow_matching_loss(batch, self._step_generator())
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.transformer.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+            if hasattr(norm, "full_tensor"):  # FSDP2 DTensor
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm, batch_size=1)
+
+    # ---------------------------------------------------------------------------------------------------
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) LoRA weights, on every rank: works unsharded and under FSDP2."""
+        state = lora_state_dict(self.transformer, ADAPTER_NAME)
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in state.items()}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}

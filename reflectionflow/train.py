@@ -1,0 +1,100 @@
+"""Reflection tuning: `python -m reflectionflow.train experiment=genref` (or `experiment=tiny` on a CPU).
+
+Composes `conf/train.yaml`, checks the cheap things first (strategy, model path, shards) so bad input
+fails in one line before any model loads, then builds everything with `hydra.utils.instantiate` and runs
+a Lightning `Trainer.fit`. `resume=true` continues from `<run dir>/checkpoints/last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from reflectionflow.config import ConfigError, redact_secrets
+
+log = logging.getLogger(__name__)
+
+_GPU_ONLY_STRATEGIES = ("deepspeed",)
+
+
+def _strategy_name(cfg: DictConfig) -> str:
+    strategy = cfg.trainer.get("strategy", "auto")
+    if isinstance(strategy, DictConfig | dict):
+        return str(strategy.get("_target_", "")).rsplit(".", 1)[-1].lower()
+    return str(strategy).lower()
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail fast, in one line each, on what would otherwise fail deep inside a run."""
+    from reflectionflow.models.loading import resolve_lora_path, resolve_model_path
+
+    strategy = _strategy_name(cfg)
+    if any(name in strategy for name in _GPU_ONLY_STRATEGIES):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer={strategy}: DeepSpeed runs on CUDA GPUs only and this machine has none; "
+                "use trainer=ddp or trainer=fsdp here"
+            )
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("trainer=deepspeed needs DeepSpeed: pip install 'reflectionflow[deepspeed]'") from None
+    resolve_model_path(cfg.model.path, "model.path")
+    if cfg.get("init_lora_path"):
+        resolve_lora_path(cfg.init_lora_path, "init_lora_path")
+
+
+def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """`ckpt_path=...` as given, or with `resume=true` the run directory's `last.ckpt` if there is one."""
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if not path.exists():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return str(path)
+    if cfg.get("resume"):
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.exists():
+            return str(last)
+        log.warning("resume=true but %s does not exist: starting from scratch", last)
+    return None
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training job; returns the final logged metrics."""
+    import lightning as L
+
+    check_config(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "check"):
+        datamodule.check()  # shard patterns / URLs, before any model loads
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
+    for logger in trainer.loggers:
+        logger.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, run_dir))
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from reflectionflow.models.loading import ModelNotFoundError
+
+    try:
+        train(cfg)
+    except (ConfigError, ModelNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
