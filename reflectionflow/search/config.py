@@ -1,0 +1,101 @@
+"""Search configuration (width x depth, axes, survivors, seeds) and the budget a configuration plans to spend.
+
+`planned_cost` is a pure function of the configuration, so budget-matched presets can choose width and
+depth without running anything, and tests can check a run spent exactly what was planned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+STRATEGIES = ("chains", "zero_order")
+
+
+@dataclass(frozen=True)
+class Axes:
+    """Which of the paper's three scaling axes a search uses between rounds.
+
+    noise: every (chain, round) draws a fresh initial noise; off = a chain keeps its round-0 noise.
+    prompt: the prompt refiner rewrites the chain's prompt after each round.
+    reflection: the reflector writes a reflection and the corrector regenerates the chain's image from it.
+    """
+
+    noise: bool = True
+    prompt: bool = False
+    reflection: bool = False
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Width x depth search: `width` images per round, `depth` rounds after round 0.
+
+    strategy: `chains` (noise / prompt / reflection chains) or `zero_order` (tt-scale-flux: each round
+    samples `width` noises within cosine `min_cosine` of the best noise so far and moves to the best one).
+    survivors: chains whose latest image is carried into the next round (None = all `width`); the other
+    chains continue from the survivors, best first, so every round still makes `width` images.
+    seed: base seed; each image's seed is a pure function of (seed, prompt index, chain, round).
+    """
+
+    width: int = 4
+    depth: int = 0
+    strategy: str = "chains"
+    axes: Axes = field(default_factory=Axes)
+    survivors: int | None = None
+    seed: int = 0
+    min_cosine: float = 0.95
+
+    def __post_init__(self) -> None:
+        if isinstance(self.axes, Mapping):
+            object.__setattr__(self, "axes", Axes(**self.axes))
+        if self.width < 1 or self.depth < 0:
+            raise ValueError(
+                f"search.width must be >= 1 and search.depth >= 0, got {self.width} x {self.depth}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"search.strategy={self.strategy!r}; expected one of {STRATEGIES}")
+        if self.survivors is not None and not 1 <= self.survivors <= self.width:
+            raise ValueError(f"search.survivors={self.survivors} must be in [1, search.width={self.width}]")
+        if self.strategy == "zero_order":
+            if self.axes.prompt or self.axes.reflection:
+                raise ValueError(
+                    "search.strategy=zero_order searches noises only; set search.axes.prompt/reflection=false"
+                )
+            if not 0.0 < self.min_cosine <= 1.0:
+                raise ValueError(f"search.min_cosine={self.min_cosine} must be in (0, 1]")
+        elif self.depth > 0 and not (self.axes.noise or self.axes.prompt or self.axes.reflection):
+            raise ValueError(
+                "with every search.axes.* off, rounds after round 0 would repeat round 0; enable an axis"
+            )
+
+    @property
+    def kept(self) -> int:
+        """Chains carried from one round to the next."""
+        return self.width if self.survivors is None else self.survivors
+
+    @property
+    def reflects(self) -> bool:
+        return self.strategy == "chains" and self.axes.reflection
+
+    @property
+    def refines(self) -> bool:
+        return self.strategy == "chains" and self.axes.prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def planned_cost(config: SearchConfig, nfe_per_image: int | None = None) -> dict[str, int]:
+    """Images, NFE and API calls one prompt's search spends under `config` (exact, without retries)."""
+    images = config.width * (config.depth + 1)
+    advised = config.kept * config.depth  # one reflection / refinement per surviving chain and later round
+    cost = {
+        "images": images,
+        "verifier_calls": images,
+        "reflector_calls": advised if config.reflects else 0,
+        "refiner_calls": advised if config.refines else 0,
+    }
+    if nfe_per_image is not None:
+        cost["nfe"] = images * nfe_per_image
+    return cost

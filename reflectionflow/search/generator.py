@@ -1,0 +1,108 @@
+"""The generator interface the search drives, a deterministic backend, and the FLUX adapter.
+
+One round's chains go through `Generator.generate` as one call; the generator micro-batches them and
+reports each image through `on_result` as soon as its micro-batch is done, so the engine can verify
+image i while image i+1's micro-batch is still denoising.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+ResultCallback = Callable[[int, "GenerationResult"], None]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to make. `condition` None = the base model; otherwise the corrector regenerates it.
+
+    `prompt` is the text used for this image (maybe refined); the pooled CLIP text is `original_prompt`.
+    `noise` (the packed initial noise) overrides `seed` when given.
+    """
+
+    prompt: str
+    original_prompt: str
+    seed: int
+    noise: torch.Tensor | None = None
+    condition: Image.Image | None = None
+    reflection: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    image: Image.Image
+    nfe: int  # transformer forward passes this image cost
+
+
+class Generator(Protocol):
+    def initial_noise(self, seed: int) -> torch.Tensor:
+        """The initial noise `seed` stands for (zero-order search perturbs it)."""
+        ...
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None
+    ) -> list[GenerationResult]:
+        """Make one image per request, in order; call `on_result(i, result)` as each one is ready."""
+        ...
+
+
+def _micro_batches(count: int, size: int) -> list[range]:
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+@dataclass
+class DeterministicGenerator:
+    """Renders a blocky image from a hash of everything that would influence a real generator.
+
+    For tests and the synthetic benchmark: equal requests give equal images, a different prompt, noise,
+    reflection or condition gives a different one. NFE is `num_inference_steps` per image;
+    `seconds_per_image` emulates compute. Every request is kept in `requests` for inspection.
+    """
+
+    size: int = 64
+    num_inference_steps: int = 28
+    micro_batch: int = 4
+    seconds_per_image: float = 0.0
+    noise_shape: tuple[int, ...] = (16, 8, 8)
+    requests: list[GenerationRequest] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def initial_noise(self, seed: int) -> torch.Tensor:
+        return torch.randn(tuple(self.noise_shape), generator=torch.Generator().manual_seed(seed))
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None
+    ) -> list[GenerationResult]:
+        with self._lock:
+            self.requests.extend(requests)
+        results: list[GenerationResult] = []
+        for batch in _micro_batches(len(requests), self.micro_batch):
+            time.sleep(self.seconds_per_image * len(batch))
+            for i in batch:
+                results.append(GenerationResult(self._render(requests[i]), self.num_inference_steps))
+                if on_result is not None:
+                    on_result(i, results[i])
+        return results
+
+    def _render(self, request: GenerationRequest) -> Image.Image:
+        digest = hashlib.sha256()
+        noise = request.noise if request.noise is not None else self.initial_noise(request.seed)
+        for part in (request.prompt, request.original_prompt, request.reflection or ""):
+            digest.update(part.encode() + b"\0")
+        digest.update(noise.numpy().tobytes())
+        if request.condition is not None:
+            digest.update(request.condition.tobytes())
+        rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "little"))
+        blocks = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        return Image.fromarray(blocks).resize((self.size, self.size), Image.Resampling.NEAREST)

@@ -1,0 +1,73 @@
+"""Runs a search over a prompt set into a run directory: skips finished prompts, shows progress, sums up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from reflectionflow.search.engine import SearchEngine
+from reflectionflow.search.outputs import RunWriter
+from reflectionflow.search.prompts import PromptItem, shard
+
+log = logging.getLogger(__name__)
+
+
+def _postfix(summary: dict[str, Any]) -> dict[str, Any]:
+    budget = summary["budget"]
+    calls = sum(budget[role]["calls"] for role in ("verifier", "reflector", "refiner"))
+    mean = summary["mean_score"]
+    return {
+        "score": "-" if mean is None else f"{mean:.3f}",
+        "images": budget["images"],
+        "nfe": budget["nfe"],
+        "calls": calls,
+    }
+
+
+async def _close(*backends: Any) -> None:
+    for backend in backends:
+        if backend is not None and hasattr(backend, "aclose"):
+            await backend.aclose()
+
+
+async def run_search_async(
+    engine: SearchEngine, items: Sequence[PromptItem], writer: RunWriter, progress: bool = True
+) -> dict[str, Any]:
+    todo = [item for item in items if writer.finished(item.index) is None]
+    if len(todo) < len(items):
+        log.info(
+            "%d of %d prompts already finished in %s", len(items) - len(todo), len(items), writer.run_dir
+        )
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="prompts", disable=not progress)
+    bar.set_postfix(_postfix(writer.summary()))
+    try:
+        for item in todo:
+            result = await engine.search(item)
+            writer.write(result)
+            bar.update()
+            bar.set_postfix(_postfix(writer.summary()))
+    finally:
+        bar.close()
+        await _close(engine.verifier, engine.reflector, engine.refiner)
+    writer.write_summary()
+    return writer.summary()
+
+
+def run_search(
+    engine: SearchEngine,
+    items: Sequence[PromptItem],
+    run_dir: str | Path,
+    *,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Search this shard's prompts of `items` (the full set) not yet finished in `run_dir`; return the summary."""
+    items = shard(list(items), shard_index, num_shards)
+    writer = RunWriter(run_dir, shard_index, num_shards)
+    return asyncio.run(run_search_async(engine, items, writer, progress))

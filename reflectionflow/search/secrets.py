@@ -1,0 +1,38 @@
+"""API keys come only from the environment; configs hold the variable's *name* (`api_key_env`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from reflectionflow.search.errors import MissingAPIKeyError
+
+
+def read_api_key(env_name: str | None, where: str = "api_key_env") -> str | None:
+    """The key in `$env_name` (None when no variable is named, e.g. a local server without auth)."""
+    if not env_name:
+        return None
+    key = os.environ.get(env_name, "").strip()
+    if not key:
+        raise MissingAPIKeyError(
+            f"environment variable {env_name} is not set ({where}={env_name}); export it, or set {where}=null "
+            "for a server that needs no key"
+        )
+    return key
+
+
+def check_api_keys(nodes: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+    """Fail with one clear line if any `api_key_env` under the given config nodes names an unset variable."""
+    items = nodes.items() if isinstance(nodes, Mapping) else nodes
+    for path, node in items:
+        _check(node, path)
+
+
+def _check(node: Any, path: str) -> None:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if key == "api_key_env":
+                read_api_key(value, f"{path}.api_key_env")
+            else:
+                _check(value, f"{path}.{key}")

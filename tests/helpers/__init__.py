@@ -1,0 +1,1 @@
+"""Test helpers shared by tests and benchmarks (loopback chat server, tiny vision-language model)."""
