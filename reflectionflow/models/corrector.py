@@ -19,6 +19,7 @@ the condition latents and the pooled prompt: `build_condition_cache` computes th
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,15 +231,37 @@ def _single_cond_post(block, cond, attn_out, modulation):
 _COND_STREAM = {"double": (_double_cond_pre, _double_cond_post), "single": (_single_cond_pre, _single_cond_post)}
 
 
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _module_call(module: nn.Module, fn, *args):
+    """`fn(*args)`, run as `module`'s forward when FSDP2 shards `module`.
+
+    The corrector uses a block's (or the root's) layers outside the stock `forward`, so FSDP2's hooks
+    (all-gather before, reshard and gradient reduce-scatter after) must wrap the whole computation.
+    """
+    if not _is_fsdp(module):
+        return fn(*args)
+    module.forward = fn  # an instance attribute shadows the class forward for this one call
+    try:
+        return module(*args)
+    finally:
+        del module.forward
+
+
 def _run_block(kind, block, stock_lora_off, mode, hidden, text, cond, temb, cond_temb, rope, cond_rope, cond_kv, last):
     """One FLUX block over `[text | target]` (stock code) plus the condition stream, if any."""
+    stock = functools.partial(type(block).forward, block) if _is_fsdp(block) else block
     pre, post = _COND_STREAM[kind]
     cond_qkv = modulation = None
     if cond is not None:
         cond_qkv, modulation = pre(block, cond, cond_temb, cond_rope)
     processor = ConditionAttnProcessor(mode, cond_qkv=cond_qkv, cond_kv=cond_kv)
     with _processor(block.attn, processor), lora_disabled(stock_lora_off):
-        text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
+        text, hidden = stock(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
     if cond is not None and not last:  # the last block's condition output feeds nothing
         cond = post(block, cond, processor.cond_output, modulation)
     return hidden, text, cond
@@ -373,6 +396,13 @@ def corrector_forward(
         if cond_cache.batch_size not in (1, batch):
             raise ValueError(f"cond_cache: cache batch {cond_cache.batch_size} matches neither 1 nor batch {batch}")
 
+    args = (transformer, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+            guidance, cond_hidden_states, cond_ids, attention, lora_on_target, cond_cache)
+    return _module_call(transformer, _corrector_body, *args)
+
+
+def _corrector_body(transformer, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
+                    txt_ids, guidance, cond_hidden_states, cond_ids, attention, lora_on_target, cond_cache):
     switch = not lora_on_target
     with lora_disabled(_lora_layers(transformer.x_embedder) if switch else []):
         hidden = transformer.x_embedder(hidden_states)
@@ -400,9 +430,9 @@ def corrector_forward(
         args = (kind, block, stock_lora_off, attention, hidden, text, cond, temb, cond_temb, rope, cond_rope,
                 cached[i] if cached else None, i == len(blocks) - 1)
         if torch.is_grad_enabled() and transformer.gradient_checkpointing:
-            hidden, text, cond = checkpoint(_run_block, *args, use_reentrant=False)
+            hidden, text, cond = checkpoint(_module_call, block, _run_block, *args, use_reentrant=False)
         else:
-            hidden, text, cond = _run_block(*args)
+            hidden, text, cond = _module_call(block, _run_block, *args)
 
     hidden = transformer.norm_out(hidden, temb)
     return transformer.proj_out(hidden)

@@ -20,6 +20,16 @@ from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict
 from reflectionflow.models.pipeline import encode_images
 
 
+def shard_transformer(transformer, mesh) -> None:
+    """FSDP2 for ModelParallelStrategy: one `fully_shard` unit per block, then the root (the embedders and
+    output layers); `corrector_forward` runs inside each unit's hooks."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(transformer, mesh=mesh)
+
+
 class ReflectionTuningModule(L.LightningModule):
     """Train the corrector LoRA on (flawed image, enhanced image, reflection) batches."""
 
@@ -68,15 +78,10 @@ class ReflectionTuningModule(L.LightningModule):
                 p.data = p.data.float()
         if hp.gradient_checkpointing:
             self.pipe.transformer.enable_gradient_checkpointing()
-        self.transformer = self.pipe.transformer
+        self.transformer = self.pipe.transformer.train()
         mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
-        if mesh is not None:  # ModelParallelStrategy: FSDP2 over the transformer blocks, then the root
-            from torch.distributed.fsdp import fully_shard
-
-            dp_mesh = mesh["data_parallel"]
-            for block in [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]:
-                fully_shard(block, mesh=dp_mesh)
-            fully_shard(self.transformer, mesh=dp_mesh)
+        if mesh is not None:
+            shard_transformer(self.transformer, mesh["data_parallel"])
 
     def on_fit_start(self) -> None:
         for component in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
