@@ -1,0 +1,180 @@
+"""Shard sources: expanding and checking shard patterns, per-stream shard order, and raw sample reading.
+
+A pattern is what webdataset accepts (local paths with `{a..b}` braces, `pipe:` commands, http(s) URLs,
+several joined by `::`) plus shell globs for local files. `check_shards` fails at once, naming the pattern
+or URL, when nothing matches or a source cannot be opened; it is cheap (local: a `stat` per shard; remote:
+the first shard's header only), so the train app calls it before loading any model.
+
+Reading never fails on bad data: a shard that cannot be opened (`unreadable_shard`), a tar stream that
+breaks or ends early, including a download that fails (`truncated_tar`), a sample with a missing key or a
+zero-byte member are skipped and counted per reason (`SKIP_REASONS`). JPEG corruption
+only shows when decoding, so the stream counts `corrupt_jpeg` itself.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from typing import NamedTuple
+
+import numpy as np
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+SKIP_REASONS = ("corrupt_jpeg", "missing_key", "empty_member", "truncated_tar", "unreadable_shard")
+IMAGE_KEYS = ("good_image.jpg", "bad_image.jpg")
+TEXT_KEYS = ("prompt.txt", "reflection.txt", "subset.txt")
+# Keys that must hold bytes; the reflection may be empty (a reflection under 5 characters is dropped anyway).
+NON_EMPTY_KEYS = ("good_image.jpg", "bad_image.jpg", "prompt.txt", "subset.txt")
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://")
+
+
+class ShardSourceError(ValueError):
+    """A shard pattern matches nothing or one of its sources cannot be opened."""
+
+
+class RawSample(NamedTuple):
+    """One undecoded sample: `id` (`url#key`, unique over the shard set), its subset and member bytes."""
+
+    id: str
+    key: str
+    subset: str
+    members: dict[str, bytes]
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(_REMOTE_PREFIXES)
+
+
+def expand_shards(shards: str | Sequence[str]) -> list[str]:
+    """All shard URLs of a pattern (or list of patterns), in order; local globs are sorted."""
+    patterns = [shards] if isinstance(shards, str | os.PathLike) else list(shards)
+    urls: list[str] = []
+    for pattern in patterns:
+        for url in wds.shardlists.expand_urls(str(pattern)):
+            if _is_remote(url):
+                urls.append(url)
+            elif glob.has_magic(url):
+                matches = sorted(glob.glob(os.path.expanduser(url)))
+                if not matches:
+                    raise ShardSourceError(f"shard pattern {url!r} matches no files (set data.shards)")
+                urls.extend(matches)
+            else:
+                urls.append(os.path.expanduser(url))
+    return urls
+
+
+def _looks_like_tar(head: bytes) -> bool:
+    return (len(head) >= 512 and head[257:262] == b"ustar") or head[:2] == b"\x1f\x8b"  # tar or gzip
+
+
+def _probe_remote(url: str, timeout: float = 60.0) -> None:
+    """Read the first 512 bytes of a remote shard and check that they start a tar archive."""
+    if url.startswith("pipe:"):
+        process = subprocess.Popen(
+            url[len("pipe:") :],
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, so the probe can end the whole command
+        )
+        try:
+            head = process.stdout.read(512)
+        finally:
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, 9)
+            _, stderr = process.communicate()
+        problem = f"exit status {process.returncode}: {stderr.decode(errors='replace').strip()[:200]}"
+    else:
+        if shutil.which("curl") is None:
+            raise ShardSourceError(
+                f"cannot open {url!r}: webdataset reads http(s) shards with curl, not installed"
+            )
+        request = urllib.request.Request(url, headers={"Range": "bytes=0-511"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                head = response.read(512)
+        except OSError as err:
+            raise ShardSourceError(f"cannot open shard {url!r}: {err}") from None
+        problem = "the server's answer"
+    if not _looks_like_tar(head):
+        raise ShardSourceError(f"cannot open shard {url!r}: not a tar archive ({problem})")
+
+
+def check_shards(shards: str | Sequence[str]) -> list[str]:
+    """Expand `shards` and check that they can be opened; return the URLs or raise `ShardSourceError`.
+
+    Local shards must all exist and be readable; for remote ones (`pipe:`, http(s)) the first is opened.
+    A shard that is empty or truncated is not an error here: reading skips and counts it.
+    """
+    urls = expand_shards(shards)
+    if not urls:
+        raise ShardSourceError(f"shard pattern {shards!r} names no shards (set data.shards)")
+    unreadable = [u for u in urls if not _is_remote(u) and not (os.path.isfile(u) and os.access(u, os.R_OK))]
+    if unreadable:
+        raise ShardSourceError(
+            f"{len(unreadable)} of {len(urls)} shards of {shards!r} cannot be read, first: {unreadable[0]!r}"
+        )
+    remote = [u for u in urls if _is_remote(u)]
+    if remote:
+        _probe_remote(remote[0])
+    return urls
+
+
+def stream_shard_order(
+    urls: Sequence[str],
+    *,
+    rank: int,
+    world_size: int,
+    stream: int,
+    num_streams: int,
+    resampled: bool,
+    seed: int,
+    pass_index: int,
+) -> list[str]:
+    """Shards one (rank, stream) reads in pass `pass_index`.
+
+    Finite mode: a disjoint share, `urls[rank::world_size][stream::num_streams]`, in order (one pass).
+    Resampled mode: a permutation of all shards, different for every (seed, rank, stream, pass).
+    """
+    if not resampled:
+        return list(urls[rank::world_size][stream::num_streams])
+    order = np.random.default_rng([seed, rank, stream, pass_index, 0x5A4D]).permutation(len(urls))
+    return [urls[i] for i in order]
+
+
+def _invalid_reason(sample: dict) -> str | None:
+    if any(key not in sample for key in (*IMAGE_KEYS, *TEXT_KEYS)):
+        return "missing_key"
+    if any(len(sample[key]) == 0 for key in NON_EMPTY_KEYS):
+        return "empty_member"
+    return None
+
+
+def read_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
+    """Valid raw samples of one shard; skips are added to `skipped` by reason, nothing is raised."""
+    try:
+        stream = wds.gopen(url)
+    except Exception:  # any scheme's failure to open (missing file, bad command, ...)
+        skipped["unreadable_shard"] += 1
+        return
+    try:
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            reason = _invalid_reason(sample)
+            if reason is not None:
+                skipped[reason] += 1
+                continue
+            subset = sample["subset.txt"].decode("utf-8", "replace").strip()
+            members = {key: sample[key] for key in (*IMAGE_KEYS, *TEXT_KEYS)}
+            yield RawSample(f"{url}#{sample['__key__']}", sample["__key__"], subset, members)
+    except Exception:  # the tar stream broke or ended early (also a failed download): the rest is lost
+        skipped["truncated_tar"] += 1
+    finally:
+        with suppress(Exception):
+            stream.close()
