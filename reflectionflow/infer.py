@@ -20,13 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from reflectionflow.models.loading import ModelNotFoundError
 from reflectionflow.search.config import SearchConfig
 from reflectionflow.search.engine import SearchEngine
-from reflectionflow.search.errors import SetupError
+from reflectionflow.search.errors import FatalAPIError, SetupError
 from reflectionflow.search.prompts import PromptItem, shard, single_prompt
 from reflectionflow.search.runner import run_search
 from reflectionflow.search.secrets import check_api_keys
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (SetupError, ModelNotFoundError)
+USER_ERRORS = (SetupError, ModelNotFoundError, FatalAPIError)
 
 
 def build(node: DictConfig, key: str) -> Any:

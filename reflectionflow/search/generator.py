@@ -106,3 +106,83 @@ class DeterministicGenerator:
         rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "little"))
         blocks = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
         return Image.fromarray(blocks).resize((self.size, self.size), Image.Resampling.NEAREST)
+
+
+class FluxGenerator:
+    """The search's generator over `ReflectionFluxPipeline`: base FLUX for requests without a condition,
+    the corrector (base + reflection LoRA, flawed image as condition) for the others.
+
+    A thin adapter: it only turns requests into the pipeline's batched calls, one micro-batch at a time so
+    the engine can score finished images while the next micro-batch denoises.
+    """
+
+    def __init__(
+        self,
+        model_path: str = "tiny",
+        lora_path: str | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        true_cfg_scale: float = 1.0,
+        attention: str = "union",
+        lora_on_target: bool = False,
+        condition_size: int = 512,
+        micro_batch: int = 4,
+    ):
+        from reflectionflow.models.pipeline import ReflectionFluxPipeline
+
+        if micro_batch < 1:
+            raise ValueError(f"generator.micro_batch must be >= 1, got {micro_batch}")
+        self.pipeline = ReflectionFluxPipeline.from_pretrained(
+            model_path,
+            lora_path,
+            dtype=dtype,
+            device=device,
+            attention=attention,
+            lora_on_target=lora_on_target,
+            condition_size=condition_size,
+            micro_batch=micro_batch,
+        )
+        self.height, self.width = height, width
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.true_cfg_scale = true_cfg_scale
+        self.micro_batch = micro_batch
+
+    def initial_noise(self, seed: int) -> torch.Tensor:
+        return self.pipeline.initial_noise(seed, self.height, self.width)
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None
+    ) -> list[GenerationResult]:
+        nfe = self.pipeline.nfe_per_image(self.num_inference_steps, self.true_cfg_scale)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        base = [i for i, r in enumerate(requests) if r.condition is None]
+        corrected = [i for i, r in enumerate(requests) if r.condition is not None]
+        for group in (base, corrected):
+            for batch in _micro_batches(len(group), self.micro_batch):
+                indices = [group[j] for j in batch]
+                chunk = [requests[i] for i in indices]
+                noises = torch.stack(
+                    [r.noise if r.noise is not None else self.initial_noise(r.seed) for r in chunk]
+                )
+                images = self.pipeline.generate(
+                    [r.prompt for r in chunk],
+                    noises=noises,
+                    height=self.height,
+                    width=self.width,
+                    conditions=None if group is base else [r.condition for r in chunk],
+                    reflections=[r.reflection for r in chunk],
+                    original_prompts=[r.original_prompt for r in chunk],
+                    num_inference_steps=self.num_inference_steps,
+                    guidance_scale=self.guidance_scale,
+                    true_cfg_scale=self.true_cfg_scale,
+                )
+                for index, image in zip(indices, images, strict=True):
+                    results[index] = GenerationResult(image, nfe)
+                    if on_result is not None:
+                        on_result(index, results[index])
+        return results

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("429", "500", "malformed_body", "malformed_content", "timeout")
+FAULTS = ("401", "429", "500", "malformed_body", "malformed_content", "timeout")
 
 Responder = Callable[[dict], str]
 
@@ -84,6 +84,7 @@ class ScriptedChatServer:
     max_concurrent: int = 64
     lifetime: float = 120.0
     requests: list[Request] = field(default_factory=list)
+    peak_in_flight: dict[str, int] = field(default_factory=dict)  # per model: most requests open at once
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.faults if f is not None and f not in FAULTS]
@@ -91,6 +92,7 @@ class ScriptedChatServer:
             raise ValueError(f"unknown faults {unknown}; choose from {FAULTS}")
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.max_concurrent)
+        self._in_flight: dict[str, int] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
 
@@ -127,6 +129,11 @@ class ScriptedChatServer:
             self.requests.append(Request(body, authorization, fault))
             return fault
 
+    def _enter(self, model: str, delta: int) -> None:
+        with self._lock:
+            self._in_flight[model] = self._in_flight.get(model, 0) + delta
+            self.peak_in_flight[model] = max(self.peak_in_flight.get(model, 0), self._in_flight[model])
+
     def _answer(self, body: dict) -> str:
         responder = self.responders.get(body.get("model"), default_responder)
         return responder(body)
@@ -148,10 +155,20 @@ class ScriptedChatServer:
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 fault = server._next(body, self.headers.get("Authorization"))
+                model = str(body.get("model"))
+                server._enter(model, +1)
+                try:
+                    self._reply(body, fault)
+                finally:
+                    server._enter(model, -1)
+
+            def _reply(self, body: dict, fault: str | None) -> None:
                 time.sleep(server.latency)
                 if fault == "timeout":
                     time.sleep(server.timeout_sleep)
                     return self._send(504, {"error": {"message": "too late"}})
+                if fault == "401":
+                    return self._send(401, {"error": {"message": "invalid api key"}})
                 if fault == "429":
                     return self._send(429, {"error": {"message": "rate limited"}}, {"retry-after-ms": "10"})
                 if fault == "500":

@@ -1,0 +1,181 @@
+"""`python -m reflectionflow.infer` through the real CLI: secrets, errors, hostile prompts, kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers.chat_server import ScriptedChatServer
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from reflectionflow.search.config import SearchConfig, planned_cost
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-proj-RFTEST-5b1d9c0e7f-should-never-be-written"
+DETERMINISTIC = [
+    "generator=deterministic",
+    "verifier=deterministic",
+    "reflector=deterministic",
+    "refiner=deterministic",
+]
+
+
+def infer(*overrides: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "reflectionflow.infer", "progress=false", *overrides],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,
+    )
+
+
+def test_api_key_never_reaches_the_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    with ScriptedChatServer(faults=["500", "malformed_content"]) as server:
+        urls = [f"{role}.chat.base_url={server.base_url}" for role in ("verifier", "reflector", "refiner")]
+        done = infer(
+            "generator=deterministic",
+            "search=reflectionflow",
+            "search.width=2",
+            "search.depth=1",
+            "prompt=a photo of a red cat",
+            f"hydra.run.dir={run_dir}",
+            *urls,
+            env={"OPENAI_API_KEY": KEY},
+        )
+        assert done.returncode == 0, done.stderr
+        assert server.requests and all(r.authorization == f"Bearer {KEY}" for r in server.requests)
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert {".hydra", "00000"} <= {p.relative_to(run_dir).parts[0] for p in files}
+    for path in files:
+        data = path.read_bytes()
+        assert KEY.encode() not in data and b"5b1d9c0e7f" not in data, path
+    assert KEY not in done.stdout + done.stderr
+    assert "OPENAI_API_KEY" in (run_dir / ".hydra" / "config.yaml").read_text()  # the name only
+
+
+def test_missing_key_fails_at_start_with_one_line(tmp_path):
+    done = infer(
+        "search=noise",
+        "verifier=openai",
+        "model.path=/nonexistent/flux",
+        "generator=deterministic",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "error: environment variable OPENAI_API_KEY is not set (verifier.chat.api_key_env=OPENAI_API_KEY); "
+        "export it, or set verifier.chat.api_key_env=null for a server that needs no key"
+    ]
+    assert not list((tmp_path / "run").glob("0*"))
+
+
+def test_bad_prompt_file_and_shard_fail_with_one_line(tmp_path):
+    done = infer(
+        *DETERMINISTIC, "prompts=file", f"prompts.path={tmp_path / 'nope.txt'}", f"hydra.run.dir={tmp_path}"
+    )
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1].startswith(
+        "error: prompts: prompt file"
+    )
+    done = infer(*DETERMINISTIC, "shard_index=2", "num_shards=2", f"hydra.run.dir={tmp_path}")
+    assert done.returncode != 0 and "shard_index" in done.stderr.strip().splitlines()[-1]
+
+
+def test_hostile_cli_prompt_stays_inside(tmp_path):
+    run_dir = tmp_path / "a" / "run"
+    done = infer(
+        *DETERMINISTIC,
+        "search=noise",
+        "search.width=2",
+        "prompt='../../x ${oc.env:HOME}'",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.parent == run_dir.parent) == ["run"]
+    record = json.loads((run_dir / "00000" / "metadata.jsonl").read_text())
+    assert record == {"prompt": "../../x ${oc.env:HOME}"}
+
+
+def test_presets_compose_and_match_budgets():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for preset, axes in {
+            "noise": (True, False, False),
+            "noise_prompt": (True, True, False),
+            "reflectionflow": (True, True, True),
+            "zero_order": (True, False, False),
+        }.items():
+            cfg = compose("infer", overrides=[f"search={preset}", "verifier=vlm"])
+            search = instantiate(cfg.search)
+            assert isinstance(search, SearchConfig)
+            assert (search.axes.noise, search.axes.prompt, search.axes.reflection) == axes
+            assert planned_cost(search)["images"] == 8
+        cfg = compose("infer", overrides=["search=zero_order", "search.width=4", "search.axes.noise=true"])
+        assert instantiate(cfg.search).strategy == "zero_order"
+        assert cfg.verifier.chat.api_key_env == "OPENAI_API_KEY"
+
+
+def strip_times(run_dir: Path) -> dict[str, object]:
+    files = {}
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts):
+        if path.suffix == ".log":
+            continue
+        key = str(path.relative_to(run_dir))
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            data.get("budget", {}).pop("seconds", None)
+            files[key] = data
+        else:
+            files[key] = path.read_bytes()
+    return files
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a photo of {n} cats\n" for n in range(8)))
+    common = [
+        *DETERMINISTIC,
+        "search=reflectionflow",
+        "prompts=file",
+        f"prompts.path={prompts}",
+        "generator.seconds_per_image=0.05",
+    ]
+    straight = infer(*common, f"hydra.run.dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reflectionflow.infer",
+            "progress=false",
+            *common,
+            f"hydra.run.dir={killed_dir}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while len(list(killed_dir.glob("*/search.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = len(list(killed_dir.glob("*/search.json")))
+    assert 3 <= finished < 8
+
+    resumed = infer(*common, f"hydra.run.dir={killed_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert strip_times(killed_dir) == strip_times(tmp_path / "straight")
