@@ -227,6 +227,7 @@ def test_interrupted_run_resumes_to_the_same_outputs(tmp_path):
     leftover = tmp_path / "resumed" / "00002" / "candidates"  # as if killed while writing prompt 2
     leftover.mkdir(parents=True)
     (leftover / "r07_c07.png").write_bytes(b"partial")
+    (tmp_path / "resumed" / ".summary.json.tmp-99999").write_bytes(b"{")
 
     rerun = make_engine(config)
     summary = run_search(rerun, items, tmp_path / "resumed", progress=False)

@@ -56,13 +56,16 @@ def test_flux_generator_reports_each_image_and_honours_noise(flux_generator):
         request(seed=1),
         request(seed=2, condition=condition, reflection="make the cat blue"),
         request(seed=3),
-        request(seed=1, noise=flux_generator.initial_noise(1)),
     ]
     results = flux_generator.generate(requests, lambda i, r: seen.append(i))
-    assert sorted(seen) == [0, 1, 2, 3] and seen[-1] == 1  # base micro-batches first, then the corrector
+    assert sorted(seen) == [0, 1, 2] and seen[-1] == 1  # base micro-batch first, then the corrector
     assert all(r.image.size == (64, 64) and r.nfe == 2 for r in results)
-    assert results[3].image.tobytes() == results[0].image.tobytes()
     assert results[2].image.tobytes() != results[0].image.tobytes()
+    by_seed = flux_generator.generate([request(seed=1)])[0].image.tobytes()
+    by_noise = flux_generator.generate([request(seed=1, noise=flux_generator.initial_noise(1))])[
+        0
+    ].image.tobytes()
+    assert by_noise == by_seed
     assert flux_generator.initial_noise(5).shape == (16, 64)
     assert torch.equal(flux_generator.initial_noise(5), flux_generator.initial_noise(5))
 

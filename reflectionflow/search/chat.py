@@ -48,11 +48,8 @@ def image_part(image: Image.Image, detail: str = "auto") -> dict[str, Any]:
 
 def _attempts_of(error: openai.APIError) -> int:
     """HTTP attempts behind a failed call: the client stamps its retry count on every request it sends."""
-    request = getattr(error, "request", None)
-    if request is None and isinstance(error, openai.APIStatusError):
-        request = error.response.request
     try:
-        return int(request.headers.get("x-stainless-retry-count", 0)) + 1
+        return int(error.request.headers.get("x-stainless-retry-count", 0)) + 1
     except (AttributeError, ValueError):
         return 1
 

@@ -58,6 +58,10 @@ class RunWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         suffix = "" if num_shards == 1 else f".shard-{shard_index:05d}-of-{num_shards:05d}"
         self.summary_path = self.run_dir / f"summary{suffix}.json"
+        for stale in self.run_dir.glob(
+            f".{self.summary_path.name}.tmp-*"
+        ):  # a killed run's half-written summary
+            stale.unlink()
         self._results: dict[int, dict[str, Any]] = {}
 
     def prompt_dir(self, index: int) -> Path:

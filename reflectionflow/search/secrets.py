@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from reflectionflow.search.errors import MissingAPIKeyError
@@ -22,10 +22,9 @@ def read_api_key(env_name: str | None, where: str = "api_key_env") -> str | None
     return key
 
 
-def check_api_keys(nodes: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+def check_api_keys(nodes: Mapping[str, Any]) -> None:
     """Fail with one clear line if any `api_key_env` under the given config nodes names an unset variable."""
-    items = nodes.items() if isinstance(nodes, Mapping) else nodes
-    for path, node in items:
+    for path, node in nodes.items():
         _check(node, path)
 
 
