@@ -1,0 +1,62 @@
+"""A miniature world for ReflectionFlow on CPU: coloured shapes on a 3 x 3 grid, prompts in GenEval's six
+categories, an exact checker (the verifier), a rule-based reflector, an editor that carries out its
+reflections, and GenRef-format triplets of (flawed image, reflection, correct image)."""
+
+from reflectionflow.data.shapes.checker import CheckResult, Problem, check_image, check_scene
+from reflectionflow.data.shapes.detect import detect_objects, detect_scene
+from reflectionflow.data.shapes.editor import apply_edits, apply_reflection
+from reflectionflow.data.shapes.edits import parse_reflection, reflection_text
+from reflectionflow.data.shapes.flaws import EXPECTED_PROBLEMS, FLAWS, applicable_flaws, make_flawed
+from reflectionflow.data.shapes.reflector import plan_edits, reflect
+from reflectionflow.data.shapes.render import render_scene
+from reflectionflow.data.shapes.sampling import (
+    all_specs,
+    heldout_eval_set,
+    is_heldout,
+    sample_example,
+    sample_scene,
+    split_specs,
+)
+from reflectionflow.data.shapes.scene import Scene, ShapeObject, relation_holds
+from reflectionflow.data.shapes.spec import ObjectRequirement, PromptSpec
+from reflectionflow.data.shapes.triplets import Triplet, make_triplet, rendered_triplets, write_genref_shards
+from reflectionflow.data.shapes.world import CATEGORIES, COLORS, DEFAULT_SIZE, SHAPES
+
+__all__ = [
+    "CATEGORIES",
+    "COLORS",
+    "DEFAULT_SIZE",
+    "EXPECTED_PROBLEMS",
+    "FLAWS",
+    "SHAPES",
+    "CheckResult",
+    "ObjectRequirement",
+    "Problem",
+    "PromptSpec",
+    "Scene",
+    "ShapeObject",
+    "Triplet",
+    "all_specs",
+    "applicable_flaws",
+    "apply_edits",
+    "apply_reflection",
+    "check_image",
+    "check_scene",
+    "detect_objects",
+    "detect_scene",
+    "heldout_eval_set",
+    "is_heldout",
+    "make_flawed",
+    "make_triplet",
+    "parse_reflection",
+    "plan_edits",
+    "reflect",
+    "reflection_text",
+    "relation_holds",
+    "render_scene",
+    "rendered_triplets",
+    "sample_example",
+    "sample_scene",
+    "split_specs",
+    "write_genref_shards",
+]

@@ -1,0 +1,166 @@
+"""The world's exact verifier: detected scene vs prompt spec -> correct, graded score, problems.
+
+Detected objects are matched to the spec's requirements by the best assignment (most matching shapes
+and colours, then most relations satisfied, then most shapes right); leftover objects fill leftover
+slots as wrong-shape/colour instances, and whatever is still unmatched is missing or extra. Every
+problem is one edit away from fixed, which is what the reflector turns into sentences.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from PIL import Image
+
+from reflectionflow.data.shapes.detect import detect_scene
+from reflectionflow.data.shapes.scene import Scene, ShapeObject, relation_holds
+from reflectionflow.data.shapes.spec import ObjectRequirement, PromptSpec
+from reflectionflow.data.shapes.world import LOCATIONS
+
+MAX_CANDIDATES = 8
+"""Per requirement, only the best-matching objects enter the exhaustive assignment (keeps a cluttered
+generated image cheap; the rest become extras)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # missing | extra | wrong_color | wrong_shape | wrong_relation
+    requirement: int | None = None  # index into spec.include
+    obj: int | None = None  # index into the detected scene
+    expected: str | None = None  # the colour, shape or relation the spec asks for
+    reference: int | None = None  # wrong_relation: the object the relation is measured against
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    spec: PromptSpec
+    scene: Scene  # as detected
+    assignment: tuple[tuple[int, ...], ...]  # per requirement, the scene objects standing for it
+    problems: tuple[Problem, ...]
+    score: float  # 1.0 exactly when correct; partial credit for ranking otherwise
+
+    @property
+    def correct(self) -> bool:
+        return not self.problems
+
+    def messages(self) -> list[str]:
+        return [_message(p, self.spec, self.scene) for p in self.problems]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.spec.prompt,
+            "tag": self.spec.tag,
+            "correct": self.correct,
+            "score": self.score,
+            "detected": [asdict(obj) for obj in self.scene.objects],
+            "problems": [
+                dict(asdict(p), message=m) for p, m in zip(self.problems, self.messages(), strict=True)
+            ],
+        }
+
+
+def check_image(image: Image.Image, spec: PromptSpec) -> CheckResult:
+    return check_scene(detect_scene(image), spec)
+
+
+def check_scene(scene: Scene, spec: PromptSpec) -> CheckResult:
+    objects = scene.objects
+    reqs = spec.include
+    sims = [[similarity(req, obj) for obj in objects] for req in reqs]
+    options = []
+    for i, req in enumerate(reqs):
+        candidates = sorted((j for j in range(len(objects)) if sims[i][j] > 0), key=lambda j: -sims[i][j])
+        candidates = candidates[:MAX_CANDIDATES]
+        options.append([c for k in range(req.count + 1) for c in itertools.combinations(candidates, k)])
+    best_key, matched = None, None
+    for choice in itertools.product(*options):
+        used = [j for chosen in choice for j in chosen]
+        if len(used) != len(set(used)):
+            continue
+        key = (
+            sum(sims[i][j] for i, chosen in enumerate(choice) for j in chosen),
+            _relation_credit(spec, choice, objects, sims),
+            sum(objects[j].shape == reqs[i].shape for i, chosen in enumerate(choice) for j in chosen),
+        )
+        if best_key is None or key > best_key:
+            best_key, matched = key, choice
+    assert matched is not None  # the empty choice is always an option
+
+    # Leftover objects stand in for leftover slots (to be changed), in scene order.
+    leftovers = [j for j in range(len(objects)) if all(j not in chosen for chosen in matched)]
+    assignment = []
+    for req, chosen in zip(reqs, matched, strict=True):
+        extra_slots = req.count - len(chosen)
+        assignment.append(tuple(sorted(chosen + tuple(leftovers[:extra_slots]))))
+        leftovers = leftovers[extra_slots:]
+
+    problems = []
+    for i, (req, assigned) in enumerate(zip(reqs, assignment, strict=True)):
+        for j in assigned:
+            if objects[j].shape != req.shape:
+                problems.append(Problem("wrong_shape", i, j, req.shape))
+            if req.color is not None and objects[j].color != req.color:
+                problems.append(Problem("wrong_color", i, j, req.color))
+        problems.extend(Problem("missing", i) for _ in range(req.count - len(assigned)))
+    problems.extend(Problem("extra", obj=j) for j in leftovers)
+    for i, req in enumerate(reqs):
+        if req.position is not None and assignment[i] and assignment[req.position[1]]:
+            relation, ref = req.position
+            subject, reference = assignment[i][0], assignment[ref][0]
+            if not relation_holds(objects[subject], relation, objects[reference]):
+                problems.append(Problem("wrong_relation", i, subject, relation, reference))
+
+    object_term = sum(sims[i][j] for i, chosen in enumerate(assignment) for j in chosen)
+    n_relations = sum(req.position is not None for req in reqs)
+    score = (
+        object_term / max(spec.total_objects, len(objects))
+        + _relation_credit(spec, assignment, objects, sims)
+    ) / (1 + n_relations)
+    return CheckResult(spec, scene, tuple(assignment), tuple(problems), score)
+
+
+def similarity(req: ObjectRequirement, obj: ShapeObject) -> float:
+    """1 for a perfect instance; with a colour asked for, 0.5 when only shape or only colour is right."""
+    shape_ok = obj.shape == req.shape
+    if req.color is None:
+        return float(shape_ok)
+    return (shape_ok + (obj.color == req.color)) / 2
+
+
+def _relation_credit(
+    spec: PromptSpec,
+    assignment: tuple[tuple[int, ...], ...],
+    objects: tuple[ShapeObject, ...],
+    sims: list[list[float]],
+) -> float:
+    """Per relation that holds, the mean similarity of its two objects (a relation between the wrong
+    objects earns little)."""
+    credit = 0.0
+    for i, req in enumerate(spec.include):
+        if req.position is None:
+            continue
+        relation, ref = req.position
+        if assignment[i] and assignment[ref]:
+            subject, reference = assignment[i][0], assignment[ref][0]
+            if relation_holds(objects[subject], relation, objects[reference]):
+                credit += (sims[i][subject] + sims[ref][reference]) / 2
+    return credit
+
+
+def _message(problem: Problem, spec: PromptSpec, scene: Scene) -> str:
+    def the(j: int) -> str:
+        obj = scene.objects[j]
+        return f"the {obj.describe()} {LOCATIONS[obj.cell]}"
+
+    if problem.kind == "missing":
+        req = spec.include[problem.requirement]
+        return f"missing {ObjectRequirement(req.shape, 1, req.color).phrase()}"
+    if problem.kind == "extra":
+        return f"unexpected {the(problem.obj)[4:]}"
+    if problem.kind == "wrong_color":
+        return f"{the(problem.obj)} should be {problem.expected}"
+    if problem.kind == "wrong_shape":
+        return f"{the(problem.obj)} should be a {problem.expected}"
+    return f"{the(problem.obj)} should be {problem.expected} {the(problem.reference)}"

@@ -1,0 +1,58 @@
+"""Shapes world: GenRef-format triplet shards written, read back through webdataset and checked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import webdataset as wds
+
+from reflectionflow.data.shapes import (
+    PromptSpec,
+    apply_reflection,
+    check_image,
+    detect_scene,
+    make_triplet,
+    render_scene,
+    rendered_triplets,
+    sample_example,
+    write_genref_shards,
+)
+
+GENREF_KEYS = {"good_image.jpg", "bad_image.jpg", "reflection.txt", "prompt.txt", "subset.txt"}
+
+
+def test_shards_round_trip_and_the_checker_reads_the_jpegs(tmp_path):
+    count = write_genref_shards(rendered_triplets(40, seed=0), str(tmp_path / "shapes-%04d.tar"), maxcount=16)
+    assert count == 40
+    shards = sorted(str(p) for p in tmp_path.glob("shapes-*.tar"))
+    assert len(shards) == 3
+
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
+    assert len(samples) == 40
+    subsets = set()
+    for sample in samples:
+        assert GENREF_KEYS <= set(sample)
+        meta = sample["meta.json"]
+        spec = PromptSpec.from_geneval(meta["geneval"])
+        assert sample["prompt.txt"] == spec.prompt
+        subsets.add(sample["subset.txt"])
+        good, bad = sample["good_image.jpg"], sample["bad_image.jpg"]
+        assert good.size == bad.size == (48, 48)
+        assert check_image(good, spec).correct
+        assert not check_image(bad, spec).correct
+        # The reflection read back from the shard still fixes the image it was written for.
+        fixed = apply_reflection(detect_scene(bad), sample["reflection.txt"])
+        assert check_image(render_scene(fixed), spec).correct
+        if sample["subset.txt"] == "editing":
+            assert [o.cell for o in detect_scene(good).objects] == [
+                o.cell for o in detect_scene(render_scene(fixed)).objects
+            ]
+    assert subsets == {"general", "editing"}
+    assert json.loads(json.dumps(samples[0]["meta.json"]))["flaw"]
+
+
+def test_make_triplet_skips_images_that_are_already_correct():
+    rng = np.random.default_rng(0)
+    spec, scene = sample_example(rng)
+    assert make_triplet(spec, render_scene(scene), rng, editing=True) is None
