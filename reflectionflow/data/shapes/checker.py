@@ -67,58 +67,15 @@ def check_image(image: Image.Image, spec: PromptSpec) -> CheckResult:
 
 def check_scene(scene: Scene, spec: PromptSpec) -> CheckResult:
     objects = scene.objects
-    reqs = spec.include
-    sims = [[similarity(req, obj) for obj in objects] for req in reqs]
-    options = []
-    for i, req in enumerate(reqs):
-        candidates = sorted((j for j in range(len(objects)) if sims[i][j] > 0), key=lambda j: -sims[i][j])
-        candidates = candidates[:MAX_CANDIDATES]
-        options.append([c for k in range(req.count + 1) for c in itertools.combinations(candidates, k)])
-    best_key, matched = None, None
-    for choice in itertools.product(*options):
-        used = [j for chosen in choice for j in chosen]
-        if len(used) != len(set(used)):
-            continue
-        key = (
-            sum(sims[i][j] for i, chosen in enumerate(choice) for j in chosen),
-            _relation_credit(spec, choice, objects, sims),
-            sum(objects[j].shape == reqs[i].shape for i, chosen in enumerate(choice) for j in chosen),
-        )
-        if best_key is None or key > best_key:
-            best_key, matched = key, choice
-    assert matched is not None  # the empty choice is always an option
-
-    # Leftover objects stand in for leftover slots (to be changed), in scene order.
-    leftovers = [j for j in range(len(objects)) if all(j not in chosen for chosen in matched)]
-    assignment = []
-    for req, chosen in zip(reqs, matched, strict=True):
-        extra_slots = req.count - len(chosen)
-        assignment.append(tuple(sorted(chosen + tuple(leftovers[:extra_slots]))))
-        leftovers = leftovers[extra_slots:]
-
-    problems = []
-    for i, (req, assigned) in enumerate(zip(reqs, assignment, strict=True)):
-        for j in assigned:
-            if objects[j].shape != req.shape:
-                problems.append(Problem("wrong_shape", i, j, req.shape))
-            if req.color is not None and objects[j].color != req.color:
-                problems.append(Problem("wrong_color", i, j, req.color))
-        problems.extend(Problem("missing", i) for _ in range(req.count - len(assigned)))
-    problems.extend(Problem("extra", obj=j) for j in leftovers)
-    for i, req in enumerate(reqs):
-        if req.position is not None and assignment[i] and assignment[req.position[1]]:
-            relation, ref = req.position
-            subject, reference = assignment[i][0], assignment[ref][0]
-            if not relation_holds(objects[subject], relation, objects[reference]):
-                problems.append(Problem("wrong_relation", i, subject, relation, reference))
-
+    sims = [[similarity(req, obj) for obj in objects] for req in spec.include]
+    assignment = _with_leftovers(spec, objects, _best_match(spec, objects, sims))
     object_term = sum(sims[i][j] for i, chosen in enumerate(assignment) for j in chosen)
-    n_relations = sum(req.position is not None for req in reqs)
+    n_relations = sum(req.position is not None for req in spec.include)
     score = (
         object_term / max(spec.total_objects, len(objects))
         + _relation_credit(spec, assignment, objects, sims)
     ) / (1 + n_relations)
-    return CheckResult(spec, scene, tuple(assignment), tuple(problems), score)
+    return CheckResult(spec, scene, assignment, _problems(spec, objects, assignment), score)
 
 
 def similarity(req: ObjectRequirement, obj: ShapeObject) -> float:
@@ -127,6 +84,68 @@ def similarity(req: ObjectRequirement, obj: ShapeObject) -> float:
     if req.color is None:
         return float(shape_ok)
     return (shape_ok + (obj.color == req.color)) / 2
+
+
+def _best_match(
+    spec: PromptSpec, objects: tuple[ShapeObject, ...], sims: list[list[float]]
+) -> tuple[tuple[int, ...], ...]:
+    """Exhaustive search (at most 4 slots in this world) over which partly matching objects stand for
+    which requirement: most similarity, then most relation credit, then most right shapes."""
+    options = []
+    for i, req in enumerate(spec.include):
+        candidates = sorted((j for j in range(len(objects)) if sims[i][j] > 0), key=lambda j: -sims[i][j])
+        candidates = candidates[:MAX_CANDIDATES]
+        options.append([c for k in range(req.count + 1) for c in itertools.combinations(candidates, k)])
+    best_key, best = None, None
+    for choice in itertools.product(*options):
+        used = [j for chosen in choice for j in chosen]
+        if len(used) != len(set(used)):
+            continue
+        key = (
+            sum(sims[i][j] for i, chosen in enumerate(choice) for j in chosen),
+            _relation_credit(spec, choice, objects, sims),
+            sum(objects[j].shape == spec.include[i].shape for i, chosen in enumerate(choice) for j in chosen),
+        )
+        if best_key is None or key > best_key:
+            best_key, best = key, choice
+    assert best is not None  # choosing nothing is always an option
+    return best
+
+
+def _with_leftovers(
+    spec: PromptSpec, objects: tuple[ShapeObject, ...], matched: tuple[tuple[int, ...], ...]
+) -> tuple[tuple[int, ...], ...]:
+    """Unmatched objects, in scene order, stand in for unfilled slots: they are to be changed, not
+    removed and replaced."""
+    leftovers = [j for j in range(len(objects)) if all(j not in chosen for chosen in matched)]
+    assignment = []
+    for req, chosen in zip(spec.include, matched, strict=True):
+        free = req.count - len(chosen)
+        assignment.append(tuple(sorted(chosen + tuple(leftovers[:free]))))
+        leftovers = leftovers[free:]
+    return tuple(assignment)
+
+
+def _problems(
+    spec: PromptSpec, objects: tuple[ShapeObject, ...], assignment: tuple[tuple[int, ...], ...]
+) -> tuple[Problem, ...]:
+    problems = []
+    for i, (req, assigned) in enumerate(zip(spec.include, assignment, strict=True)):
+        for j in assigned:
+            if objects[j].shape != req.shape:
+                problems.append(Problem("wrong_shape", i, j, req.shape))
+            if req.color is not None and objects[j].color != req.color:
+                problems.append(Problem("wrong_color", i, j, req.color))
+        problems.extend(Problem("missing", i) for _ in range(req.count - len(assigned)))
+    assigned_anywhere = {j for assigned in assignment for j in assigned}
+    problems.extend(Problem("extra", obj=j) for j in range(len(objects)) if j not in assigned_anywhere)
+    for i, req in enumerate(spec.include):
+        if req.position is not None and assignment[i] and assignment[req.position[1]]:
+            relation, ref = req.position
+            subject, reference = assignment[i][0], assignment[ref][0]
+            if not relation_holds(objects[subject], relation, objects[reference]):
+                problems.append(Problem("wrong_relation", i, subject, relation, reference))
+    return tuple(problems)
 
 
 def _relation_credit(

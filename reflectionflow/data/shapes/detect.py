@@ -108,6 +108,7 @@ def _measure(mask: np.ndarray, weights: np.ndarray, color: str | None, area: int
     corners = float(box[~inside].mean() / max(box[inside].mean(), 1e-6)) if (~inside).any() else 0.0
 
     shape: str | None
+    # Stretched, or mass piled at the top (an upside-down triangle): nothing this world draws.
     if max(box_h, box_w) > MAX_ASPECT * min(box_h, box_w) or skew > -TRIANGLE_SKEW:
         shape = None
     elif skew < TRIANGLE_SKEW:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from reflectionflow.data.shapes.checker import check_scene
@@ -53,15 +55,14 @@ def make_flawed(
 
     if flaw == "wrong_shape":
         old = objects[pick]
-        objects[pick] = _with(old, shape=_other(SHAPES, old.shape, rng))
+        objects[pick] = replace(old, shape=_other(SHAPES, old.shape, rng))
     elif flaw == "missing":
         del objects[pick]
     elif flaw == "extra":
         cell = _free_cell(Scene(tuple(objects)), rng)
+        # In counting, another instance of the counted shape would be a wrong count: add another shape.
         used = {req.shape for req in spec.include} if spec.tag == "counting" else set()
-        shape = str(
-            rng.choice([s for s in SHAPES if s not in used])
-        )  # counting: another shape (else it is a count)
+        shape = str(rng.choice([s for s in SHAPES if s not in used]))
         objects.append(place_in_cell(shape, str(rng.choice(list(COLORS))), cell, rng))
     elif flaw == "wrong_count":
         (req,) = spec.include
@@ -77,12 +78,12 @@ def make_flawed(
     elif flaw == "wrong_color":
         i = int(rng.choice([i for i, req in enumerate(spec.include) if req.color is not None]))
         j = assignment[i][0]
-        objects[j] = _with(objects[j], color=_other(COLORS, objects[j].color, rng))
+        objects[j] = replace(objects[j], color=_other(COLORS, objects[j].color, rng))
     elif flaw == "swapped_colors":
         a, b = (assigned[0] for assigned in assignment)
         objects[a], objects[b] = (
-            _with(objects[a], color=objects[b].color),
-            _with(objects[b], color=objects[a].color),
+            replace(objects[a], color=objects[b].color),
+            replace(objects[b], color=objects[a].color),
         )
     else:  # wrong_position
         objects = _misplaced(spec, objects, assignment, rng)
@@ -116,10 +117,6 @@ def _misplaced(
             objects[r].moved_to(*cell_center(objects[s].cell)),
         )
     return objects
-
-
-def _with(obj: ShapeObject, shape: str | None = None, color: str | None = None) -> ShapeObject:
-    return ShapeObject(shape or obj.shape, color or obj.color, obj.x, obj.y, obj.size)
 
 
 def _other(options, current: str | None, rng: np.random.Generator) -> str:

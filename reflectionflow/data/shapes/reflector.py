@@ -14,7 +14,7 @@ import numpy as np
 from reflectionflow.data.shapes.checker import CheckResult
 from reflectionflow.data.shapes.editor import apply_edit, free_cells, matches
 from reflectionflow.data.shapes.edits import Add, Change, Edit, Move, ObjectRef, Remove, reflection_text
-from reflectionflow.data.shapes.scene import Scene, relation_holds
+from reflectionflow.data.shapes.scene import relation_holds
 from reflectionflow.data.shapes.world import INVERSE_RELATION
 
 PREFERRED_CELLS = ((1, 1), (1, 0), (1, 2), (0, 1), (2, 1), (0, 0), (0, 2), (2, 0), (2, 2))
@@ -27,105 +27,118 @@ def reflect(result: CheckResult, rng: np.random.Generator | None = None) -> str:
 
 
 def plan_edits(result: CheckResult, rng: np.random.Generator | None = None) -> list[Edit]:
-    spec, scene = result.spec, result.scene
-    ids = list(range(len(scene)))  # ids[k] = identity of the scene's k-th object (added ones: new ids)
-    new_ids = itertools.count(len(scene))
-    owner = {j: i for i, assigned in enumerate(result.assignment) for j in assigned}
-    edits: list[Edit] = []
+    plan = _Plan(result)
+    _remove_extras(plan, result)
+    _change_attributes(plan, result)
+    _add_missing(plan, result, rng)
+    _fix_relations(plan)
+    return plan.edits
 
-    def do(edit: Edit) -> None:
-        nonlocal scene
-        before = scene
-        scene = apply_edit(scene, edit)
-        edits.append(edit)
+
+class _Plan:
+    """The edits so far and the scene they lead to, with each object's identity tracked across them
+    (ids are indices into the checked scene; added objects get new ones)."""
+
+    def __init__(self, result: CheckResult) -> None:
+        self.spec, self.scene = result.spec, result.scene
+        self.ids = list(range(len(result.scene)))
+        self.owner = {j: i for i, assigned in enumerate(result.assignment) for j in assigned}
+        self.edits: list[Edit] = []
+        self._new_ids = itertools.count(len(result.scene))
+
+    def do(self, edit: Edit) -> None:
         if isinstance(edit, Remove):
-            ids.pop(matches(before, edit.target)[0])
+            self.ids.pop(matches(self.scene, edit.target)[0])
         elif isinstance(edit, Add):
-            ids.append(next(new_ids))
+            self.ids.append(next(self._new_ids))
+        self.scene = apply_edit(self.scene, edit)
+        self.edits.append(edit)
 
-    # Interchangeable objects: instances of a requirement with no colour, no relation and no pending change.
+    def name(self, obj_id: int) -> ObjectRef:
+        """'the red circle', or 'the red circle on the left' when there are several red circles."""
+        index = self.ids.index(obj_id)
+        obj = self.scene.objects[index]
+        ref = ObjectRef(obj.shape, obj.color)
+        return ref if matches(self.scene, ref) == [index] else ObjectRef(obj.shape, obj.color, obj.cell)
+
+    def standing_for(self, requirement: int) -> int | None:
+        """Id of an object in the scene standing for `requirement`."""
+        return next((j for j, i in self.owner.items() if i == requirement and j in self.ids), None)
+
+
+def _remove_extras(plan: _Plan, result: CheckResult) -> None:
+    # Instances of a requirement with no colour and no relation are interchangeable: 'Remove one square.'
     plain = {
-        req.shape: i
-        for i, req in enumerate(spec.include)
+        req.shape
+        for i, req in enumerate(plan.spec.include)
         if req.color is None
         and req.position is None
-        and not any(r.position and r.position[1] == i for r in spec.include)
+        and not any(r.position and r.position[1] == i for r in plan.spec.include)
     }
-    pending = {p.obj for p in result.problems if p.kind in ("wrong_shape", "wrong_color")}
-
+    to_change = {p.obj for p in result.problems if p.kind in ("wrong_shape", "wrong_color")}
     for problem in result.problems:
         if problem.kind != "extra":
             continue
-        obj = scene.objects[ids.index(problem.obj)]
-        same_shape = [ids[k] for k in range(len(scene)) if scene.objects[k].shape == obj.shape]
-        if obj.shape in plain and not pending.intersection(same_shape):
-            removed = ids[matches(scene, ObjectRef(obj.shape, any_one=True))[0]]
-            do(Remove(ObjectRef(obj.shape, any_one=True)))
-            if removed in owner:  # another instance went; this one takes its place
-                owner[problem.obj] = owner.pop(removed)
+        shape = plan.scene.objects[plan.ids.index(problem.obj)].shape
+        same_shape = {plan.ids[k] for k, obj in enumerate(plan.scene.objects) if obj.shape == shape}
+        if shape in plain and not to_change & same_shape:
+            any_one = ObjectRef(shape, any_one=True)
+            removed = plan.ids[matches(plan.scene, any_one)[0]]
+            plan.do(Remove(any_one))
+            if removed in plan.owner:  # another instance went; this one takes its place
+                plan.owner[problem.obj] = plan.owner.pop(removed)
         else:
-            do(Remove(_name(scene, ids.index(problem.obj))))
+            plan.do(Remove(plan.name(problem.obj)))
 
+
+def _change_attributes(plan: _Plan, result: CheckResult) -> None:
     changes: dict[int, dict[str, str]] = {}
     for problem in result.problems:
         if problem.kind in ("wrong_shape", "wrong_color"):
-            changes.setdefault(problem.obj, {})["shape" if problem.kind == "wrong_shape" else "color"] = (
-                problem.expected
-            )
-    for j, change in changes.items():
-        do(Change(_name(scene, ids.index(j)), **change))
+            changes.setdefault(problem.obj, {})[problem.kind.removeprefix("wrong_")] = problem.expected
+    for obj_id, change in changes.items():
+        plan.do(Change(plan.name(obj_id), **change))
 
-    def present(requirement: int) -> int | None:
-        """Scene index of an object standing for `requirement` (count-1 requirements: the one)."""
-        for j, i in owner.items():
-            if i == requirement and j in ids:
-                return ids.index(j)
-        return None
 
+def _add_missing(plan: _Plan, result: CheckResult, rng: np.random.Generator | None) -> None:
+    """Add next to the object a relation ties the new one to, if it is there; else in a free cell."""
+    include = plan.spec.include
     for problem in result.problems:
         if problem.kind != "missing":
             continue
-        i = problem.requirement
-        req = spec.include[i]
+        req = include[problem.requirement]
+        reference = plan.standing_for(req.position[1]) if req.position else None
         subjects = [
-            (k, r.position[0]) for k, r in enumerate(spec.include) if r.position and r.position[1] == i
+            (k, r.position[0])
+            for k, r in enumerate(include)
+            if r.position and r.position[1] == problem.requirement
         ]
-        if req.position is not None and present(req.position[1]) is not None:
+        subject = plan.standing_for(subjects[0][0]) if subjects else None
+        if reference is not None:
+            edit = Add(req.shape, req.color, relation=req.position[0], anchor=plan.name(reference))
+        elif subject is not None:
             edit = Add(
-                req.shape, req.color, relation=req.position[0], anchor=_name(scene, present(req.position[1]))
-            )
-        elif subjects and present(subjects[0][0]) is not None:
-            subject, relation = subjects[0]
-            edit = Add(
-                req.shape,
-                req.color,
-                relation=INVERSE_RELATION[relation],
-                anchor=_name(scene, present(subject)),
+                req.shape, req.color, relation=INVERSE_RELATION[subjects[0][1]], anchor=plan.name(subject)
             )
         else:
-            free = [c for c in PREFERRED_CELLS if c in free_cells(scene)]
+            free = [c for c in PREFERRED_CELLS if c in free_cells(plan.scene)]
             if not free:
                 raise ValueError(f"no free cell to add {req.phrase()} to")
-            cell = free[int(rng.integers(len(free)))] if rng is not None else free[0]
-            edit = Add(req.shape, req.color, cell=cell)
-        do(edit)
-        owner[ids[-1]] = i
+            edit = Add(
+                req.shape, req.color, cell=free[int(rng.integers(len(free)))] if rng is not None else free[0]
+            )
+        plan.do(edit)
+        plan.owner[plan.ids[-1]] = problem.requirement
 
-    for i, req in enumerate(spec.include):
+
+def _fix_relations(plan: _Plan) -> None:
+    for i, req in enumerate(plan.spec.include):
         if req.position is None:
             continue
         relation, ref = req.position
-        subject, reference = present(i), present(ref)
-        if subject is not None and reference is not None:
-            if not relation_holds(scene.objects[subject], relation, scene.objects[reference]):
-                do(Move(_name(scene, subject), relation, _name(scene, reference)))
-    return edits
-
-
-def _name(scene: Scene, index: int) -> ObjectRef:
-    """'the red circle', or 'the red circle on the left' when there are several red circles."""
-    obj = scene.objects[index]
-    ref = ObjectRef(obj.shape, obj.color)
-    if matches(scene, ref) == [index]:
-        return ref
-    return ObjectRef(obj.shape, obj.color, obj.cell)
+        subject, reference = plan.standing_for(i), plan.standing_for(ref)
+        if subject is None or reference is None:
+            continue
+        objects = plan.scene.objects
+        if not relation_holds(objects[plan.ids.index(subject)], relation, objects[plan.ids.index(reference)]):
+            plan.do(Move(plan.name(subject), relation, plan.name(reference)))
