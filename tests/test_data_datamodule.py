@@ -26,6 +26,8 @@ class Probe(L.LightningModule):
         self.records = []
 
     def training_step(self, batch, batch_idx):
+        assert batch["image"].dtype == batch["condition"].dtype == torch.float32
+        assert -1 <= batch["image"].min() < batch["image"].max() <= 1
         texts = torch.tensor([[len(t)] for t in batch["t5_text"]], dtype=torch.float32) / 100
         features = torch.cat(
             [batch["image"].mean(dim=(2, 3)), batch["condition"].mean(dim=(2, 3)), texts], dim=1

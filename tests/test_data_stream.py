@@ -49,11 +49,11 @@ def _datamodule(shards, setup=True, **overrides) -> GenRefDataModule:
 
 
 def _batches(datamodule, count=None) -> list[dict]:
-    """Batches as the trainer takes them (recording each, as Lightning's hook does)."""
+    """Batches as the trainer takes them (through the hooks Lightning calls around the device transfer)."""
     taken = []
     for batch in itertools.islice(datamodule.train_dataloader(), count):
-        datamodule.on_before_batch_transfer(batch, 0)
-        taken.append(batch)
+        batch = datamodule.on_before_batch_transfer(batch, 0)
+        taken.append(datamodule.on_after_batch_transfer(batch, 0))
     return taken
 
 

@@ -1,9 +1,10 @@
 """`GenRefDataModule`: the Lightning face of the GenRef stream (training batches, fixed validation set, resume).
 
-Lightning calls `state_dict()` / `load_state_dict()` around checkpoints and `on_before_batch_transfer` on
-every batch the trainer takes; the latter records how many batches this rank consumed, the corrupt samples
-met and the latest skip counts. Do not override `on_before_batch_transfer` in the LightningModule: Lightning
-would then use only one of the two. `state_dict()` gathers the corrupt-sample ids of all ranks, so under
+Lightning calls `state_dict()` / `load_state_dict()` around checkpoints and, on every batch the trainer
+takes, `on_before_batch_transfer` (records how many batches this rank consumed, the corrupt samples met and
+the latest skip counts) and `on_after_batch_transfer` (uint8 images to float32 in [-1, 1] on the device).
+Do not override these two hooks in the LightningModule: Lightning would then use only one of the two.
+Code that iterates `train_dataloader()` itself calls both hooks on each batch. `state_dict()` gathers the corrupt-sample ids of all ranks, so under
 distributed training it must be called on every rank, as `Trainer.save_checkpoint` does.
 
 Rank and world size come from the trainer at `setup()` unless given explicitly (tests that simulate ranks);
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 from reflectionflow.data.schedule import SubsetSchedule
 from reflectionflow.data.sources import SKIP_REASONS, check_shards, read_shard
 from reflectionflow.data.stream import GenRefStream
-from reflectionflow.data.transforms import DECODE_ERRORS, DropRates, decode_pair
+from reflectionflow.data.transforms import DECODE_ERRORS, DropRates, decode_pair, to_model_range
 from reflectionflow.models.text import t5_text
 
 
@@ -227,6 +228,16 @@ class GenRefDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         self.record_batch(batch)
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 images (as they leave the workers) to float32 in [-1, 1], on the training device."""
+        if isinstance(batch, Mapping) and "meta" in batch:
+            batch = {
+                **batch,
+                "image": to_model_range(batch["image"]),
+                "condition": to_model_range(batch["condition"]),
+            }
         return batch
 
     def _sync_position(self) -> None:

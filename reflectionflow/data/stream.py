@@ -14,7 +14,8 @@ Replayable streams
 Everything a stream yields is a pure function of (seed, rank, stream, position) and the data:
 - its shard order (`sources.stream_shard_order`) and the raw-sample shuffle buffer (its own RNG);
 - per batch, a *selection* RNG seeded by (seed, rank, stream, position) draws the subset of each slot;
-- per slot, an *augmentation* RNG seeded by (seed, rank, stream, position, slot) draws crop and drops.
+- per batch, an *augmentation* RNG seeded likewise draws five numbers per slot (three drops, the crop);
+  a slot's numbers belong to its place in the batch, so skipping a corrupt sample shifts nothing.
 
 Raw samples (bytes, not decoded) are routed into one bounded FIFO queue per subset; a slot of subset X
 takes the oldest queued X sample, reading further raw samples (queueing the others; a full queue drops
@@ -52,7 +53,7 @@ from reflectionflow.data.transforms import (
     DropRates,
     choose_t5_text,
     decode_pair,
-    to_model_range,
+    stack_images,
 )
 
 _SELECTION, _AUGMENTATION, _SHUFFLE = 0, 1, 2  # RNG stream tags
@@ -61,7 +62,8 @@ _SELECTION, _AUGMENTATION, _SHUFFLE = 0, 1, 2  # RNG stream tags
 class GenRefStream(IterableDataset):
     """Batches of GenRef samples for one rank (see the module docstring for the stream layout).
 
-    Each batch is a dict: `image` (B, 3, T, T) and `condition` (B, 3, C, C) float32 in [-1, 1]; `prompt`
+    Each batch is a dict: `image` (B, 3, T, T) and `condition` (B, 3, C, C) uint8 (the DataModule turns them
+    into float32 in [-1, 1] after the transfer to the training device); `prompt`
     (CLIP text, always the original prompt), `t5_text` (the T5 text used after drops), `reflection`,
     `subset`, `key` (lists of str); `meta`: `batch_index`, `stream`, `step`, `skipped` (this stream's
     cumulative skip counts by reason) and `corrupt` (ids of samples found corrupt while making the batch).
@@ -214,6 +216,7 @@ class _Stream:
         batch_index = self.index + position * self.num_streams
         step = batch_index // c.accumulate_grad_batches
         rng = np.random.default_rng(self._seed(_SELECTION, position))
+        slot_draws = np.random.default_rng(self._seed(_AUGMENTATION, position)).random((c.batch_size, 5))
         picks: list[tuple[RawSample, tuple]] = []
         new_corrupt: list[str] = []
         while len(picks) < c.batch_size:
@@ -226,7 +229,7 @@ class _Stream:
             if not decode:
                 picks.append((raw, ()))
                 continue
-            draws = np.random.default_rng(self._seed(_AUGMENTATION, position, len(picks))).random(5)
+            draws = slot_draws[len(picks)]
             try:
                 pair = decode_pair(
                     raw.members["good_image.jpg"],
@@ -261,8 +264,8 @@ class _Stream:
             subsets.append(raw.subset)
             keys.append(raw.key)
         return {
-            "image": to_model_range(images),
-            "condition": to_model_range(conditions),
+            "image": stack_images(images),
+            "condition": stack_images(conditions),
             "prompt": prompts,
             "t5_text": t5_texts,
             "reflection": reflections,

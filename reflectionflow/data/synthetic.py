@@ -1,9 +1,10 @@
 """Synthetic GenRef-format shards: real JPEG pairs of coloured shapes, prompts, reflections and subsets.
 
-Every sample is a small scene of shapes on a plain background. The *good* image renders the scene; the
-*flawed* image renders it with one mistake (a shape recoloured, moved or missing), at a different size
-than the good image so the pipeline's resize-to-good step is exercised. The reflection is the imperative
-fix ("Change the blue circle to red."). Used by tests, benchmarks and the embedded tiny experiment.
+Every sample is a small scene of shapes on a plain background. The *good* image renders the scene (square,
+or 5:4 wide for every other sample on average); the *flawed* image renders it with one mistake (a shape
+recoloured, moved or missing), `flawed_scale` times the good image's size (1: equal sizes, as in GenRef;
+other values exercise the pipeline's resize-to-good step). The reflection is the imperative fix
+("Change the blue circle to red."). Used by tests, benchmarks and the embedded tiny experiment.
 
 `broken={kind: count}` adds samples broken in one of the ways the reader must survive, keyed
 `<shard>-broken-<kind>-<i>` so tests can tell them apart. The kinds are the reader's skip reasons:
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,19 +44,20 @@ _BACKGROUNDS = ((235, 235, 235), (250, 245, 230), (225, 235, 245))
 
 
 def _random_scene(rng: np.random.Generator) -> list[dict]:
-    """1-3 shapes with distinct (colour, shape) pairs, positions and radii relative to the image size."""
+    """1-3 non-overlapping shapes with distinct (colour, shape) pairs; positions relative to the image size."""
     count = int(rng.integers(1, 4))
     pairs = rng.choice(len(_COLORS) * len(_SHAPES), size=count, replace=False)
     colors = list(_COLORS)
-    return [
-        {
-            "shape": _SHAPES[int(p) % len(_SHAPES)],
-            "color": colors[int(p) // len(_SHAPES)],
-            "center": (float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.2, 0.8))),
-            "radius": float(rng.uniform(0.1, 0.18)),
-        }
-        for p in pairs
-    ]
+    scene: list[dict] = []
+    for p in pairs:
+        for _ in range(20):  # rejection sampling; a shape that finds no free place is left out
+            center = (float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.2, 0.8)))
+            radius = float(rng.uniform(0.1, 0.18))
+            if all(math.dist(center, o["center"]) > 1.5 * (radius + o["radius"]) for o in scene):
+                color, shape = colors[int(p) // len(_SHAPES)], _SHAPES[int(p) % len(_SHAPES)]
+                scene.append({"shape": shape, "color": color, "center": center, "radius": radius})
+                break
+    return scene
 
 
 def _render(scene: list[dict], size: tuple[int, int], background: tuple[int, int, int]) -> Image.Image:
@@ -84,11 +87,10 @@ def _flaw(scene: list[dict], rng: np.random.Generator) -> tuple[list[dict], str]
     if kind == "recolor":
         item["color"] = str(rng.choice([c for c in _COLORS if c != item["color"]]))
         return flawed, f"Change the {item['color']} {item['shape']} to {name.split()[0]}."
-    if kind == "move":
+    if kind == "move":  # the flawed image has the shape shifted sideways by a third of the width
         x, y = scene[index]["center"]
-        item["center"] = (1.0 - x, 1.0 - y)
-        side = "left" if x < 0.5 else "right"
-        return flawed, f"Move the {name} to the {'top' if y < 0.5 else 'bottom'} {side}."
+        item["center"] = (x + 0.35 if x < 0.5 else x - 0.35, y)
+        return flawed, f"Move the {name} to the {'left' if x < 0.5 else 'right'}."
     del flawed[index]
     return flawed, f"Add a {name} to the image."
 
@@ -114,12 +116,12 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _sample(rng: np.random.Generator, image_size: int, subset: str) -> dict[str, bytes]:
+def _sample(rng: np.random.Generator, image_size: int, subset: str, flawed_scale: float) -> dict[str, bytes]:
     scene = _random_scene(rng)
     flawed, reflection = _flaw(scene, rng)
     wide = bool(rng.integers(2))
     good_size = (image_size * 5 // 4 if wide else image_size, image_size)
-    bad_size = (good_size[0] * 3 // 4, good_size[1] * 3 // 4)
+    bad_size = (round(good_size[0] * flawed_scale), round(good_size[1] * flawed_scale))
     background = _BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))]
     return {
         "good_image.jpg": _jpeg(_render(scene, good_size, background)),
@@ -155,6 +157,7 @@ def write_synthetic_shards(
     subsets: tuple[str, ...] | list[str] = GENREF_SUBSETS,
     broken: dict[str, int] | None = None,
     seed: int = 0,
+    flawed_scale: float = 1.0,
 ) -> list[Path]:
     """Write `num_shards` GenRef-format shards `genref_0000.tar`, ... into `out_dir`; return their paths.
 
@@ -177,13 +180,13 @@ def write_synthetic_shards(
         for index in range(samples_per_shard):
             rng = np.random.default_rng([seed, shard, index])
             subset = subsets[int(rng.integers(len(subsets)))]
-            samples.append((f"{shard:04d}-{index:06d}", _sample(rng, image_size, subset)))
+            samples.append((f"{shard:04d}-{index:06d}", _sample(rng, image_size, subset, flawed_scale)))
         shards.append(samples)
     for kind in ("corrupt_jpeg", "missing_key", "empty_member"):
         for i in range(broken.get(kind, 0)):
             rng = np.random.default_rng([seed, 1_000_003, BROKEN_KINDS.index(kind), i])
             shard = i % num_shards
-            sample = _break(_sample(rng, image_size, subsets[i % len(subsets)]), kind, i)
+            sample = _break(_sample(rng, image_size, subsets[i % len(subsets)], flawed_scale), kind, i)
             position = int(rng.integers(len(shards[shard]) + 1))
             shards[shard].insert(position, (f"{shard:04d}-broken-{kind}-{i:03d}", sample))
 
@@ -195,7 +198,7 @@ def write_synthetic_shards(
         shard = num_shards + i
         rng = np.random.default_rng([seed, 1_000_003, BROKEN_KINDS.index("truncated_tar"), i])
         samples = [
-            (f"{shard:04d}-broken-truncated_tar-{j:03d}", _sample(rng, image_size, subsets[0]))
+            (f"{shard:04d}-broken-truncated_tar-{j:03d}", _sample(rng, image_size, subsets[0], flawed_scale))
             for j in range(2)
         ]
         paths.append(out / f"genref_{shard:04d}.tar")
