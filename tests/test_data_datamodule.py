@@ -81,7 +81,7 @@ def test_trainer_resume_reproduces_the_per_step_losses(tmp_path):
     checkpoint = torch.load(tmp_path / "stopped" / "step=3.ckpt", weights_only=False)
     assert checkpoint["GenRefDataModule"]["batches_consumed"] == 6
     resumed, _ = _fit(
-        shards, tmp_path / "resumed", max_steps=6, ckpt_path=tmp_path / "stopped" / "step=3.ckpt"
+        shards, tmp_path / "stopped", max_steps=6, ckpt_path=tmp_path / "stopped" / "step=3.ckpt"
     )
     assert resumed == reference[6:]
 
@@ -137,3 +137,45 @@ def test_genref_config_has_the_paper_schedule_and_checks_its_source(monkeypatch)
     assert datamodule.subset_weights(5000)["editing"] == 0
     with pytest.raises(ShardSourceError, match="pipe:exit 1"):
         datamodule.check()
+
+
+class RankProbe(Probe):
+    """Writes what each rank trained on, since forked ranks cannot return it."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def training_step(self, batch, batch_idx):
+        with open(self.out / f"rank{self.global_rank}.txt", "a") as f:
+            f.write(" ".join(batch["key"]) + "|" + " ".join(batch["meta"]["corrupt"]) + "\n")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+def test_two_ranks_get_their_own_streams_and_share_corrupt_ids_in_the_checkpoint(tmp_path):
+    broken = {"corrupt_jpeg": 6}
+    shards = [str(p) for p in write_synthetic_shards(tmp_path / "shards", 2, 6, image_size=16, broken=broken)]
+    datamodule = GenRefDataModule(
+        shards, batch_size=4, num_workers=1, target_size=16, condition_size=16, shuffle_buffer=4, queue_size=4
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=4)],
+    )
+    trainer.fit(RankProbe(tmp_path), datamodule=datamodule)
+
+    lines = {rank: (tmp_path / f"rank{rank}.txt").read_text().splitlines() for rank in range(2)}
+    assert [len(lines[rank]) for rank in range(2)] == [4, 4]
+    assert lines[0] != lines[1]
+    corrupt = {rank: {i for line in lines[rank] for i in line.split("|")[1].split()} for rank in range(2)}
+    assert corrupt[0] and corrupt[1]
+    state = torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=False)["GenRefDataModule"]
+    assert set(state["known_corrupt"]) == corrupt[0] | corrupt[1]
+    assert state["batches_consumed"] == 4

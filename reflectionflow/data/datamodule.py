@@ -4,8 +4,9 @@ Lightning calls `state_dict()` / `load_state_dict()` around checkpoints and, on 
 takes, `on_before_batch_transfer` (records how many batches this rank consumed, the corrupt samples met and
 the latest skip counts) and `on_after_batch_transfer` (uint8 images to float32 in [-1, 1] on the device).
 Do not override these two hooks in the LightningModule: Lightning would then use only one of the two.
-Code that iterates `train_dataloader()` itself calls both hooks on each batch. `state_dict()` gathers the corrupt-sample ids of all ranks, so under
-distributed training it must be called on every rank, as `Trainer.save_checkpoint` does.
+Code that iterates `train_dataloader()` itself calls both hooks on each batch. `state_dict()` gathers the
+corrupt-sample ids of all ranks, so under distributed training it must be called on every rank, as
+`Trainer.save_checkpoint` does.
 
 Rank and world size come from the trainer at `setup()` unless given explicitly (tests that simulate ranks);
 so does `accumulate_grad_batches`, which maps batches to global optimizer steps.
@@ -143,6 +144,10 @@ class GenRefDataModule(L.LightningDataModule):
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if not self.resampled and len(urls) < world_size:
+            raise ValueError(
+                f"data.resampled=false gives each rank whole shards: {len(urls)} shards < {world_size} ranks"
+            )
         self._train = GenRefStream(
             urls,
             batch_size=self.batch_size,
