@@ -65,8 +65,8 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     return None
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Run one training job; returns the final logged metrics."""
+def train(cfg: DictConfig):
+    """Run one training job; returns the fitted Lightning `Trainer` (`trainer.lightning_module`)."""
     import lightning as L
 
     check_config(cfg)
@@ -82,16 +82,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, run_dir))
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return trainer
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from reflectionflow.data.sources import ShardSourceError
     from reflectionflow.models.loading import ModelNotFoundError
 
     try:
         train(cfg)
-    except (ConfigError, ModelNotFoundError) as err:
+    except (ConfigError, ModelNotFoundError, ShardSourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

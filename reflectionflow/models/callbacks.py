@@ -140,7 +140,7 @@ class DataStats(L.Callback):
         if hasattr(datamodule, "subset_weights"):
             metrics.update({f"data/weight_{k}": float(v) for k, v in datamodule.subset_weights(trainer.global_step).items()})
         if hasattr(datamodule, "skipped_counts"):
-            metrics.update({f"data/skipped_{k}": float(v) for k, v in datamodule.skipped_counts(batch).items()})
+            metrics.update({f"data/skipped_{k}": float(v) for k, v in datamodule.skipped_counts().items()})
         if metrics:
             pl_module.log_dict(metrics, batch_size=1, reduce_fx="max")
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict
-from reflectionflow.models.pipeline import encode_images
+from reflectionflow.models.pipeline import encode_images, quiet_prompt_truncation
 
 
 def shard_transformer(transformer, mesh) -> None:
@@ -68,6 +68,7 @@ class ReflectionTuningModule(L.LightningModule):
         from reflectionflow.models.loading import load_flux_pipeline
 
         hp = self.hparams
+        quiet_prompt_truncation()
         self.pipe = load_flux_pipeline(hp.path, dtype=getattr(torch, hp.weight_dtype))
         for component in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
             component.requires_grad_(False).eval()
@@ -92,7 +93,7 @@ class ReflectionTuningModule(L.LightningModule):
         optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-4)
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ and reused for every step and chain.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -48,6 +49,12 @@ def decode_tokens(vae, tokens: torch.Tensor, height: int, width: int) -> torch.T
     return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 
 
+def quiet_prompt_truncation() -> None:
+    """FLUX's pipeline warns on every call whose prompt exceeds CLIP's 77 tokens; T5 carries long prompts
+    (and reflections) in full, so the repeated warning is noise in training and search logs."""
+    logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
+
+
 @dataclass
 class TextEmbedding:
     t5: torch.Tensor  # (L, D)
@@ -72,6 +79,7 @@ class ReflectionFluxPipeline:
             raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
         if condition_size % 16:
             raise ValueError(f"condition_size must be a multiple of 16, got {condition_size}")
+        quiet_prompt_truncation()
         self.flux = flux
         self.attention = attention
         self.lora_on_target = lora_on_target

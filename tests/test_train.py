@@ -1,0 +1,160 @@
+"""Reflection tuning through the real configs: CLI runs, exact resume, strategies, loggers, bad input."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+FAST = ["experiment=tiny", "trainer.log_every_n_steps=1", "model.lora_rank=4", "validation.num_inference_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache (tiny FLUX + synthetic shards) for every run of this module, in-process and CLI."""
+    path = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("REFLECTIONFLOW_CACHE")
+    os.environ["REFLECTIONFLOW_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("REFLECTIONFLOW_CACHE")
+    else:
+        os.environ["REFLECTIONFLOW_CACHE"] = previous
+
+
+def run_cli(run_dir, *overrides, cache, timeout=600):
+    env = dict(os.environ, REFLECTIONFLOW_CACHE=str(cache), OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "reflectionflow.train", *FAST, f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def run_in_process(run_dir, *overrides):
+    """`python -m reflectionflow.train ...` without a new interpreter: compose the real config, then train."""
+    from reflectionflow.train import train
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[*FAST, f"paths.run_dir={run_dir}", *overrides])
+    return train(cfg)
+
+
+def losses(metrics_csv: Path) -> dict[int, float]:
+    with open(metrics_csv) as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_cli_tiny_run_trains_only_lora_and_writes_a_loadable_lora(tmp_path, cache):
+    result = run_cli(tmp_path / "run", "trainer.max_steps=3", cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    steps = losses(run / "logs" / "metrics.csv")
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(v)) for v in steps.values())
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["state_dict"] and all("lora_" in k for k in state["state_dict"])
+    assert state["optimizer_states"] and state["lr_schedulers"]
+    assert state["global_step"] == 3 and "GenRefDataModule" in state
+    assert list((run / "validation").glob("*.png")), "the end-of-training validation panel is missing"
+
+    from diffusers import FluxPipeline
+
+    tiny = cache / "tiny-flux"
+    base = FluxPipeline.from_pretrained(tiny)
+    tuned = FluxPipeline.from_pretrained(tiny)
+    tuned.load_lora_weights(run / "lora" / "final")
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+        pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+        img_ids=latent_ids(8, 8), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([1.0]),
+        cond_hidden_states=torch.randn(1, 4, 64, generator=g), cond_ids=condition_ids(32),
+    )
+    with torch.no_grad():
+        assert not torch.equal(corrector_forward(base.transformer, **inputs), corrector_forward(tuned.transformer, **inputs))
+
+
+def test_only_lora_parameters_change(tmp_path, cache):
+    trainer = run_in_process(tmp_path / "run", "trainer.max_steps=2", "callbacks.validation=null")
+    module = trainer.lightning_module
+    from diffusers import FluxTransformer2DModel
+
+    original = FluxTransformer2DModel.from_pretrained(cache / "tiny-flux", subfolder="transformer").state_dict()
+    changed = {n for n, p in module.transformer.named_parameters()
+               if "lora_" not in n and not torch.equal(p.detach(), original[n.replace(".base_layer", "")])}
+    assert not changed
+    lora_b = [p for n, p in module.transformer.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: nonzero means LoRA trained
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, cache):
+    common = ["checkpoint.every_n_steps=2", "callbacks.validation=null", "data.num_workers=2"]
+    run_in_process(tmp_path / "straight", "trainer.max_steps=4", *common)
+    run_in_process(tmp_path / "stopped", "trainer.max_steps=2", *common)
+    run_in_process(tmp_path / "stopped", "trainer.max_steps=4", "resume=true", "logger.csv.version=resumed", *common)
+
+    straight = losses(tmp_path / "straight" / "logs" / "metrics.csv")
+    first = losses(tmp_path / "stopped" / "logs" / "metrics.csv")
+    second = losses(tmp_path / "stopped" / "logs" / "resumed" / "metrics.csv")
+    assert sorted(first) == [0, 1] and sorted(second) == [2, 3]
+    assert {**first, **second} == straight
+    a = load_file(tmp_path / "straight" / "lora" / "final" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "stopped" / "lora" / "final" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wandb_offline_run_holds_the_validation_panel(tmp_path, cache):
+    result = run_cli(tmp_path / "run", "trainer.max_steps=2", "logger=wandb", "validation.every_n_steps=1", cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    panels = list(runs[0].glob("files/media/images/validation/*.png"))
+    assert panels, sorted(str(p) for p in runs[0].rglob("*"))[:50]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["trainer=deepspeed"], "DeepSpeed runs on CUDA GPUs only"),
+        (["model.path=/nonexistent/flux"], "model.path="),
+        (["data.shards='/nonexistent/genref_{0..3}.tar'"], "/nonexistent/genref"),
+    ],
+)
+def test_bad_input_fails_in_one_line_before_loading(tmp_path, cache, overrides, message):
+    result = run_cli(tmp_path / "run", *overrides, cache=cache)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_optimizer_is_a_config_error(tmp_path, cache):
+    result = run_cli(tmp_path / "run", "optimizer@model.optimizer=sgdx", cache=cache)
+    assert result.returncode != 0 and "sgdx" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp_fork", "fsdp"])
+def test_two_process_training(tmp_path, cache, strategy):
+    overrides = ["trainer.max_steps=3", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+                 "checkpoint.every_n_steps=2", "validation.every_n_steps=0"]
+    if strategy == "fsdp":
+        overrides = ["trainer=fsdp", *overrides]
+    else:
+        overrides = ["trainer=ddp", "trainer.strategy=ddp_fork", *overrides]
+    result = run_cli(tmp_path / "run", *overrides, cache=cache)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = tmp_path / "run"
+    steps = losses(run / "logs" / "metrics.csv")
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(v)) for v in steps.values())
+    lora = load_file(run / "lora" / "final" / "pytorch_lora_weights.safetensors")
+    assert lora and all(v.ndim == 2 for v in lora.values())  # gathered full tensors, not shards
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3 and all("lora_" in k for k in state["state_dict"])
