@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
 
@@ -25,6 +26,18 @@ def _every(trainer: L.Trainer, every_n_steps: int, state: dict) -> bool:
         return False
     state["last"] = step
     return True
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` every N optimizer steps, plus one when training ends, so a finished
+    run can be extended (`resume=true trainer.max_steps=...`) from exactly where it stopped."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
 
 
 class LoraSnapshots(L.Callback):

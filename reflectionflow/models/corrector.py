@@ -271,6 +271,20 @@ def _run_block(kind, block, stock_lora_off, mode, hidden, text, cond, temb, cond
 # Public API
 
 
+def dead_end_lora_parameters(transformer, lora_on_target: bool = False) -> list[str]:
+    """LoRA parameters the corrector never uses, so they can never get a gradient.
+
+    With `lora_on_target=False` the LoRA only acts on condition tokens, and the last block's condition
+    update is skipped (it feeds nothing): that block's query, MLP and output-projection adapters are dead
+    ends. Freezing them keeps DDP from waiting for their gradients (no `find_unused_parameters`).
+    """
+    if lora_on_target:
+        return []
+    last = f"single_transformer_blocks.{len(transformer.single_transformer_blocks) - 1}."
+    dead = (last + "attn.to_q.", last + "proj_mlp.", last + "proj_out.")
+    return [n for n, _ in transformer.named_parameters() if "lora_" in n and n.startswith(dead)]
+
+
 @dataclass
 class ConditionKVCache:
     """Per-block keys/values of condition tokens (causal mode), each (B_cond, N_cond, heads, head_dim).

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
+from reflectionflow.models.corrector import condition_ids, corrector_forward, dead_end_lora_parameters, latent_ids
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict
 from reflectionflow.models.pipeline import encode_images, quiet_prompt_truncation
 
@@ -74,8 +74,11 @@ class ReflectionTuningModule(L.LightningModule):
             component.requires_grad_(False).eval()
         add_lora(self.pipe.transformer, rank=hp.lora_rank, alpha=hp.lora_alpha,
                  target_modules=hp.lora_target_modules, dropout=hp.lora_dropout)
-        for p in self.pipe.transformer.parameters():  # LoRA trains in fp32 even on bf16 base weights
-            if p.requires_grad:
+        dead = set(dead_end_lora_parameters(self.pipe.transformer, hp.lora_on_target))
+        for name, p in self.pipe.transformer.named_parameters():
+            if name in dead:
+                p.requires_grad_(False)
+            elif p.requires_grad:  # LoRA trains in fp32 even on bf16 base weights
                 p.data = p.data.float()
         if hp.gradient_checkpointing:
             self.pipe.transformer.enable_gradient_checkpointing()
