@@ -65,8 +65,11 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     return None
 
 
-def train(cfg: DictConfig):
-    """Run one training job; returns the fitted Lightning `Trainer` (`trainer.lightning_module`)."""
+def train(cfg: DictConfig, extra_callbacks=()):
+    """Run one training job; returns the fitted Lightning `Trainer` (`trainer.lightning_module`).
+
+    `extra_callbacks` are appended to the configured ones (programmatic use: benchmarks, notebooks).
+    """
     import lightning as L
 
     check_config(cfg)
@@ -77,6 +80,7 @@ def train(cfg: DictConfig):
         datamodule.check()  # shard patterns / URLs, before any model loads
     model = instantiate(cfg.model)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks += list(extra_callbacks)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
     for logger in trainer.loggers:
