@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 SECRET_KEY = re.compile(r"(api_?key|token|secret|password|passwd|authorization)$", re.IGNORECASE)
@@ -23,3 +24,12 @@ def redact_secrets(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact_secrets(v) for v in value]
     return value
+
+
+def redact_overrides(overrides: Sequence[str]) -> list[str]:
+    """Command-line overrides (`key=value`, `+key=value`, ...) with the values of secret-looking keys replaced."""
+    redacted = []
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        redacted.append(f"{key}={REDACTED}" if sep and SECRET_KEY.search(key.lstrip("+~")) else override)
+    return redacted

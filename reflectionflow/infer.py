@@ -2,31 +2,47 @@
 
 Builds the search config, checks API keys and the prompt set, builds the API backends, then the generator
 (the heavy part), and runs the search into the Hydra run directory. Anything a user can fix is reported
-as one `error: ...` line before any model loads.
+as one `error: ...` line before any model loads. The job ends with its result file (`result.json`, see
+`reflectionflow.search.results`), which sweeps aggregate; `wandb.enabled=true` logs the job to W&B.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from reflectionflow.config import redact_overrides
 from reflectionflow.models.loading import ModelNotFoundError
 from reflectionflow.search.config import SearchConfig
 from reflectionflow.search.engine import SearchEngine
 from reflectionflow.search.errors import FatalAPIError, SetupError
 from reflectionflow.search.prompts import PromptItem, shard, single_prompt
+from reflectionflow.search.results import assess, job_result, read_budget, write_result
 from reflectionflow.search.runner import run_search
 from reflectionflow.search.secrets import check_api_keys
+from reflectionflow.search.sharding import (
+    resolve_shard,
+    shard_suffix,
+    shard_suffix_resolver,
+    sharding_environment,
+)
+from reflectionflow.search.wandb_logging import JobTracker, WandbSettings
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (SetupError, ModelNotFoundError, FatalAPIError)
+# Hydra's per-job files (`hydra.output_subdir`, the job log) carry the shard suffix, so that shards sharing
+# a run directory never write the same file (conf/infer.yaml).
+OmegaConf.register_new_resolver("rf.shard_suffix", shard_suffix_resolver, replace=True)
 
 
 def build(node: DictConfig, key: str) -> Any:
@@ -48,43 +64,128 @@ def prompt_items(cfg: DictConfig) -> list[PromptItem]:
     return build(cfg.prompts, "prompts")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def loggable_config(cfg: DictConfig) -> dict[str, Any]:
+    """The job config resolved, except `prompt`, kept literally (its text may look like `${...}`)."""
+    literal = OmegaConf.to_container(cfg, resolve=False)["prompt"]
+    resolved = copy.deepcopy(cfg)
+    with open_dict(resolved):
+        resolved.prompt = None
+    container = OmegaConf.to_container(resolved, resolve=True)
+    container["prompt"] = literal
+    return container
+
+
+def describe_job(cfg: DictConfig, hydra_cfg: DictConfig | None) -> dict[str, Any]:
+    """What produced a result: the preset and the other config choices, and the command-line overrides."""
+    choices = {} if hydra_cfg is None else OmegaConf.to_container(hydra_cfg.runtime.choices)
+    overrides = [] if hydra_cfg is None else list(hydra_cfg.overrides.task)
+    return {
+        "preset": choices.get("search"),
+        "choices": {k: v for k, v in choices.items() if not k.startswith("hydra/")},
+        "overrides": redact_overrides(overrides),
+    }
+
+
+def start_tracker(
+    cfg: DictConfig, hydra_cfg: DictConfig | None, run_dir: Path, job: dict[str, Any], extra: dict[str, Any]
+) -> JobTracker:
+    """The job's W&B run, named `[<job num>-]<preset>-w<width>-d<depth>[-b<budget>][<shard suffix>]` and
+    grouped by sweep (shards of a single run: by their run directory)."""
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.wandb, resolve=True).items() if k != "enabled"}
+    search, shard_info = extra["search"], extra["shard"]
+    suffix = shard_suffix(shard_info["index"], shard_info["count"])
+    name = f"{job['preset']}-w{search['width']}-d{search['depth']}"
+    name += ("" if search["budget"] is None else f"-b{search['budget']}") + suffix
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        group, name = Path(hydra_cfg.sweep.dir).name, f"{hydra_cfg.job.num}-{name}"
+    else:
+        group = run_dir.name if suffix else None
+    settings["group"] = settings["group"] or group
+    config = loggable_config(cfg) | {"job": job | extra}
+    return JobTracker(WandbSettings(**settings), name=name, config=config, run_dir=run_dir)
+
+
+def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> dict[str, Any]:
+    """Search this job's prompts into `run_dir` and write its result file; returns the result."""
+    started = time.perf_counter()
     search: SearchConfig = build(cfg.search, "search")
     roles = {"verifier": True, "reflector": search.reflects, "refiner": search.refines}
     needed = [name for name, used in roles.items() if used]
     check_api_keys({name: OmegaConf.to_container(cfg[name], resolve=True) for name in needed})
+    shard_index, num_shards = resolve_shard(cfg.shard_index, cfg.num_shards, sharding_environment())
     items = prompt_items(cfg)
-    shard(items, cfg.shard_index, cfg.num_shards)  # validates the shard before anything loads
+    mine = [item.index for item in shard(items, shard_index, num_shards)]
+    checker = build(cfg.checker, "checker") if cfg.get("checker") is not None else None
     backends = {name: build(cfg[name], name) for name in needed}
-    generator = build(cfg.generator, "generator")
-    engine = SearchEngine(
-        generator, backends["verifier"], search, backends.get("reflector"), backends.get("refiner")
-    )
-    summary = run_search(
-        engine, items, run_dir, shard_index=cfg.shard_index, num_shards=cfg.num_shards, progress=cfg.progress
-    )
-    budget = summary["budget"]
+    job = describe_job(cfg, hydra_cfg)
+    extra = {"search": search.to_dict(), "shard": {"index": shard_index, "count": num_shards}}
+    tracker = start_tracker(cfg, hydra_cfg, run_dir, job, extra) if cfg.wandb.enabled else None
+    try:
+        generator = build(cfg.generator, "generator")
+        engine = SearchEngine(
+            generator, backends["verifier"], search, backends.get("reflector"), backends.get("refiner")
+        )
+        searching = time.perf_counter()
+        run_search(
+            engine,
+            items,
+            run_dir,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            progress=cfg.progress,
+            on_prompt=None if tracker is None else tracker.log_prompt,
+        )
+        assessing = time.perf_counter()
+        outcomes = assess(run_dir, mine, checker)
+        finished = time.perf_counter()
+        result = job_result(
+            job=job,
+            search=extra["search"],
+            shard=extra["shard"],
+            outcomes=outcomes,
+            budget=read_budget(run_dir, mine),
+            job_seconds={
+                "setup": searching - started,
+                "search": assessing - searching,
+                "assess": finished - assessing,
+                "total": finished - started,
+            },
+            wandb=None if tracker is None else tracker.describe(),
+        )
+        path = write_result(run_dir, result, shard_suffix(shard_index, num_shards))
+        if tracker is not None:
+            tracker.log_result(run_dir, result)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(exit_code=1)
+        raise
+    if tracker is not None:
+        tracker.finish()
+    spent = result["budget"]
     log.info(
-        "%d prompts, mean score %s, %d images, %d NFE, %d verifier / %d reflector / %d refiner calls -> %s",
-        summary["prompts"],
-        summary["mean_score"],
-        budget["images"],
-        budget["nfe"],
-        budget["verifier"]["calls"],
-        budget["reflector"]["calls"],
-        budget["refiner"]["calls"],
-        run_dir,
+        "%d prompts, mean score %s, accuracy %s, %d images, %d NFE, %d verifier / %d reflector / %d refiner "
+        "calls -> %s",
+        result["prompts"],
+        result["mean_score"],
+        result["accuracy"],
+        spent["images"],
+        spent["nfe"],
+        spent["verifier"]["calls"],
+        spent["reflector"]["calls"],
+        spent["refiner"]["calls"],
+        path,
     )
-    return summary
+    return result
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
 def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
     try:
-        summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        result = run(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg)
     except USER_ERRORS as err:
         raise SystemExit(f"error: {err}") from None
-    return summary["mean_score"]
+    return result["mean_score"]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Search configuration (width x depth, axes, survivors, seeds) and the budget a configuration plans to spend.
 
 `planned_cost` is a pure function of the configuration, so budget-matched presets can choose width and
-depth without running anything, and tests can check a run spent exactly what was planned.
+depth without running anything, and tests can check a run spent exactly what was planned. `split_budget`
+is the other direction: the width and depth that spend a given number of images.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class SearchConfig:
     survivors: chains whose latest image is carried into the next round (None = all `width`); the other
     chains continue from the survivors, best first, so every round still makes `width` images.
     seed: base seed; each image's seed is a pure function of (seed, prompt index, chain, round).
+    budget: when set, `split_budget(budget, budget_width)` decides width and depth (replacing the given
+    ones) so that every preset spends exactly `budget` images per prompt and presets compare at equal cost.
+    budget_width: the preset's images per round under a budget (None = all of it in round 0, best-of-N).
     """
 
     width: int = 4
@@ -45,10 +49,16 @@ class SearchConfig:
     survivors: int | None = None
     seed: int = 0
     min_cosine: float = 0.95
+    budget: int | None = None
+    budget_width: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.axes, Mapping):
             object.__setattr__(self, "axes", Axes(**self.axes))
+        if self.budget is not None:
+            width, depth = split_budget(self.budget, self.budget_width)
+            object.__setattr__(self, "width", width)
+            object.__setattr__(self, "depth", depth)
         if self.width < 1 or self.depth < 0:
             raise ValueError(
                 f"search.width must be >= 1 and search.depth >= 0, got {self.width} x {self.depth}"
@@ -84,6 +94,30 @@ class SearchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def split_budget(budget: int, budget_width: int | None = None) -> tuple[int, int]:
+    """(width, depth) spending exactly `budget` images: `width * (depth + 1) == budget`.
+
+    `budget_width` None puts the whole budget into round 0 (best-of-N: width = budget, depth = 0).
+    Otherwise width = min(budget_width, budget // 2), at least 1: the preset searches `budget_width` chains
+    per round, and a budget too small for two such rounds still gets one round after round 0 (budget 2 =
+    one base image + one corrected image), since a searching preset without later rounds is best-of-N.
+    A budget that is not a multiple of that width cannot be matched exactly and is an error.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"search.budget must be a positive number of images, got {budget!r}")
+    if budget_width is None:
+        return budget, 0
+    if isinstance(budget_width, bool) or not isinstance(budget_width, int) or budget_width < 1:
+        raise ValueError(f"search.budget_width must be a positive int or null, got {budget_width!r}")
+    width = max(1, min(budget_width, budget // 2))
+    if budget % width:
+        raise ValueError(
+            f"search.budget={budget} cannot be split into rounds of {width} images "
+            f"(search.budget_width={budget_width}); use a multiple of {width} or set search.budget_width"
+        )
+    return width, budget // width - 1
 
 
 def planned_cost(config: SearchConfig, nfe_per_image: int | None = None) -> dict[str, int]:

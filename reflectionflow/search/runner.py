@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from reflectionflow.search.outputs import RunWriter
 from reflectionflow.search.prompts import PromptItem, shard
 
 log = logging.getLogger(__name__)
+PromptCallback = Callable[[dict[str, Any], dict[str, Any]], None]  # (prompt's search.json, run summary)
 
 
 def _postfix(summary: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +37,11 @@ async def _close(*backends: Any) -> None:
 
 
 async def run_search_async(
-    engine: SearchEngine, items: Sequence[PromptItem], writer: RunWriter, progress: bool = True
+    engine: SearchEngine,
+    items: Sequence[PromptItem],
+    writer: RunWriter,
+    progress: bool = True,
+    on_prompt: PromptCallback | None = None,
 ) -> dict[str, Any]:
     todo = [item for item in items if writer.finished(item.index) is None]
     if len(todo) < len(items):
@@ -47,10 +52,12 @@ async def run_search_async(
     bar.set_postfix(_postfix(writer.summary()))
     try:
         for item in todo:
-            result = await engine.search(item)
-            writer.write(result)
+            written = writer.write(await engine.search(item))
+            summary = writer.summary()
             bar.update()
-            bar.set_postfix(_postfix(writer.summary()))
+            bar.set_postfix(_postfix(summary))
+            if on_prompt is not None:
+                on_prompt(written, summary)
     finally:
         bar.close()
         await _close(engine.verifier, engine.reflector, engine.refiner)
@@ -66,8 +73,12 @@ def run_search(
     shard_index: int = 0,
     num_shards: int = 1,
     progress: bool = True,
+    on_prompt: PromptCallback | None = None,
 ) -> dict[str, Any]:
-    """Search this shard's prompts of `items` (the full set) not yet finished in `run_dir`; return the summary."""
+    """Search this shard's prompts of `items` (the full set) not yet finished in `run_dir`; return the summary.
+
+    `on_prompt(search_json, summary)` is called after each newly finished prompt (live dashboards).
+    """
     items = shard(list(items), shard_index, num_shards)
     writer = RunWriter(run_dir, shard_index, num_shards)
-    return asyncio.run(run_search_async(engine, items, writer, progress))
+    return asyncio.run(run_search_async(engine, items, writer, progress, on_prompt))

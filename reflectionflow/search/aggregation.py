@@ -1,0 +1,238 @@
+"""Sweep aggregation: every job's result file -> a scaling table (markdown + CSV) and plot (PNG).
+
+Runs as `python -m reflectionflow.aggregate <multirun dir>` and, at the end of every multirun of the infer
+app, through `AggregateCallback` (`hydra.callbacks` in conf/infer.yaml). Writes `scaling.md`,
+`scaling.csv` and `scaling.png` into the directory: one table row per job, and verifier score (and
+accuracy, when a checker ran) against images and NFE per prompt, one line per preset.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+
+from reflectionflow.search.outputs import atomic_write
+from reflectionflow.search.results import read_results
+from reflectionflow.search.wandb_logging import WandbSettings, log_scaling, settings_from_results
+
+log = logging.getLogger(__name__)
+# Overrides that place a job on the x axis or name its preset, rather than make it a different series.
+AXIS_KEYS = {"search", "search.width", "search.depth", "search.budget", "shard_index", "num_shards"}
+TABLE, CSV, PLOT = "scaling.md", "scaling.csv", "scaling.png"
+PANEL_INCHES, DPI = (5.0, 4.0), 100
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job of a sweep, as its result file reports it: costs are means per prompt (`per_prompt_budget`),
+    `budget` is the search.budget it was matched to, `job_seconds` its wall time."""
+
+    job: str
+    series: str
+    preset: str
+    width: int
+    depth: int
+    budget: int | None
+    prompts: int
+    mean_score: float | None
+    accuracy: float | None
+    images: float
+    nfe: float
+    verifier_calls: float
+    reflector_calls: float
+    refiner_calls: float
+    tokens_in: float
+    tokens_out: float
+    job_seconds: float
+
+
+COLUMNS = [f.name for f in fields(JobRow)]
+
+
+def _overrides(result: Mapping[str, Any]) -> dict[str, str]:
+    pairs = (o.split("=", 1) for o in result["job"]["overrides"] if "=" in o)
+    return {key.lstrip("+~"): value for key, value in pairs if key.lstrip("+~") not in AXIS_KEYS}
+
+
+def _job_name(root: Path, path: Path) -> str:
+    folder = path.parent.relative_to(root).as_posix()
+    name = path.parent.name if folder == "." else folder
+    return name + path.name.removeprefix("result").removesuffix(".json")
+
+
+def _superseded(found: Sequence[tuple[Path, dict[str, Any]]]) -> set[tuple[Path, int]]:
+    """(dir, shard index) of shard results that a merged result in the same directory replaces."""
+    return {
+        (Path(m["dir"]).resolve(), m["shard"]["index"])
+        for path, result in found
+        for m in result.get("merged_from", [])
+        if Path(m["dir"]).resolve() == path.parent.resolve()
+    }
+
+
+def load_rows(root: str | os.PathLike) -> tuple[list[JobRow], list[dict[str, Any]]]:
+    """Rows of every job under `root` with finished prompts (sorted by series, images, width, depth),
+    and the result files they come from, in the same order."""
+    root = Path(root)
+    found = read_results(root)
+    superseded = _superseded(found)
+    kept = []
+    for path, result in found:
+        if (path.parent.resolve(), result["shard"]["index"]) in superseded and "merged_from" not in result:
+            continue
+        if not result["prompts"]:
+            log.warning("%s has no finished prompts; left out of the table", path)
+            continue
+        kept.append((path, result))
+    overrides = [_overrides(result) for _, result in kept]
+    keys = sorted({key for o in overrides for key in o})
+    varying = [key for key in keys if len({o.get(key) for o in overrides}) > 1]
+    rows = []
+    for (path, result), job_overrides in zip(kept, overrides, strict=True):
+        label = " ".join([result["preset"], *(f"{k}={job_overrides.get(k, '-')}" for k in varying)])
+        cost = result["per_prompt_budget"]
+        rows.append(
+            JobRow(
+                job=_job_name(root, path),
+                series=label,
+                preset=result["preset"],
+                width=result["width"],
+                depth=result["depth"],
+                budget=result["search_budget"],
+                prompts=result["prompts"],
+                mean_score=result["mean_score"],
+                accuracy=result["accuracy"],
+                images=cost["images"],
+                nfe=cost["nfe"],
+                verifier_calls=cost["verifier_calls"],
+                reflector_calls=cost["reflector_calls"],
+                refiner_calls=cost["refiner_calls"],
+                tokens_in=cost["tokens_in"],
+                tokens_out=cost["tokens_out"],
+                job_seconds=result["budget"]["seconds"]["job_total"],
+            )
+        )
+    order = sorted(
+        range(len(rows)), key=lambda i: (rows[i].series, rows[i].images, rows[i].width, rows[i].depth)
+    )
+    return [rows[i] for i in order], [kept[i][1] for i in order]
+
+
+def cell(value: Any) -> str:
+    """A markdown table cell: 4 decimals for fractions, integers as integers, '-' for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if value.is_integer() else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[JobRow]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(getattr(row, c)) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: Sequence[JobRow]) -> str:
+    """Full precision (Python's shortest round-tripping float text), empty cell for missing."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow(["" if getattr(row, c) is None else getattr(row, c) for c in COLUMNS])
+    return buffer.getvalue()
+
+
+def _series(rows: Sequence[JobRow]) -> dict[str, list[JobRow]]:
+    grouped: dict[str, list[JobRow]] = {}
+    for row in rows:
+        grouped.setdefault(row.series, []).append(row)
+    return grouped
+
+
+def best_per_budget(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The highest y at each x, by x: the preset's best (width, depth) at each budget."""
+    best: dict[float, float] = {}
+    for x, y in points:
+        best[x] = max(y, best.get(x, y))
+    return sorted(best.items())
+
+
+def plot_scaling(rows: Sequence[JobRow]) -> Figure:
+    """Score (and accuracy, when any job has it) vs images and vs NFE per prompt: a dot per job, a line
+    per preset through its best job at each budget. A bare `Figure`: no pyplot state, no GUI backend."""
+    metrics = ["mean_score"] + (["accuracy"] if any(r.accuracy is not None for r in rows) else [])
+    width, height = PANEL_INCHES
+    figure = Figure(figsize=(2 * width, len(metrics) * height), dpi=DPI, layout="constrained")
+    axes = figure.subplots(len(metrics), 2, squeeze=False)
+    for row_index, metric in enumerate(metrics):
+        for column, (x_key, x_label) in enumerate(
+            [("images", "images per prompt"), ("nfe", "NFE per prompt")]
+        ):
+            ax = axes[row_index][column]
+            for series_index, (series, members) in enumerate(_series(rows).items()):
+                color = f"C{series_index % 10}"
+                points = [
+                    (getattr(r, x_key), getattr(r, metric)) for r in members if getattr(r, metric) is not None
+                ]
+                if not points:
+                    continue
+                ax.scatter(*zip(*points, strict=True), color=color, alpha=0.35, s=18)
+                ax.plot(*zip(*best_per_budget(points), strict=True), color=color, marker="o", label=series)
+            ax.set_xscale("log", base=2)
+            ticks = sorted({getattr(r, x_key) for r in rows})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("verifier score" if metric == "mean_score" else "accuracy")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle("dots: every job; lines: each preset's best job at each budget", fontsize="small")
+    return figure
+
+
+def aggregate(root: str | os.PathLike, wandb: WandbSettings | None = None) -> dict[str, Path]:
+    """Write the table (markdown, CSV) and the plot for every job under `root`; log them to W&B if asked
+    (`settings_from_results`: into the project and group the jobs logged to)."""
+    root = Path(root)
+    rows, results = load_rows(root)
+    if not rows:
+        raise FileNotFoundError(f"no result files with finished prompts under {root}")
+    paths = {"table": root / TABLE, "csv": root / CSV, "plot": root / PLOT}
+    atomic_write(paths["table"], markdown_table(rows).encode())
+    atomic_write(paths["csv"], csv_table(rows).encode())
+    buffer = io.BytesIO()
+    plot_scaling(rows).savefig(buffer, format="png")
+    atomic_write(paths["plot"], buffer.getvalue())
+    if wandb is not None:
+        log_scaling(
+            wandb,
+            root=root,
+            png=paths["plot"],
+            columns=COLUMNS,
+            rows=[[getattr(row, c) for c in COLUMNS] for row in rows],
+        )
+    log.info("%d jobs -> %s, %s, %s", len(rows), *paths.values())
+    return paths
+
+
+class AggregateCallback(Callback):
+    """Aggregates a multirun when it ends (the table and plot land in `hydra.sweep.dir`)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        root = Path(config.hydra.sweep.dir)
+        _, results = load_rows(root)
+        if not results:
+            log.warning("no finished jobs under %s: nothing to aggregate", root)
+            return
+        aggregate(root, settings_from_results(results))

@@ -1,0 +1,157 @@
+"""Per-job result files: what one search job over a prompt set achieved and spent, in one JSON.
+
+`<run>/result.json` (`result.shard-00001-of-00004.json` for a shard) is what sweeps aggregate:
+
+    preset, width, depth, search_budget   the search that produced it (search_budget: search.budget or null)
+    job                               config choices and command-line overrides
+    search                            the full search config (width/depth as resolved from a budget)
+    shard                             {"index", "count"} of the prompt set this job searched
+    prompts, mean_score, failed_selections
+    accuracy, checked                 share of prompts a checker passed (null without a checker)
+    tags                              the same per GenEval tag
+    budget                            what was spent, as in summary.json: images, NFE, calls, attempts and
+                                      tokens per role, seconds per stage; plus the job's own wall time in
+                                      seconds.job_setup / job_search / job_assess / job_total
+    per_prompt_budget                 images, NFE, calls and tokens per prompt (the scaling plot's x axes)
+    per_prompt                        index, tag, score, ok, correct: enough to merge shards unchanged
+
+Every wall time is under `budget.seconds`, so two runs of the same search differ only there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from reflectionflow.search.budget import ROLES, Budget
+from reflectionflow.search.checkers import Checker
+from reflectionflow.search.outputs import SEARCH_FILE, atomic_write
+
+UNTAGGED = "untagged"
+
+
+@dataclass(frozen=True)
+class PromptOutcome:
+    """One prompt's selected image: its verifier score and, with a checker, whether it is correct."""
+
+    index: int
+    tag: str | None
+    score: float
+    ok: bool
+    correct: bool | None = None
+
+
+def result_path(run_dir: str | os.PathLike, suffix: str = "") -> Path:
+    return Path(run_dir) / f"result{suffix}.json"
+
+
+def read_search(run_dir: Path, index: int) -> dict[str, Any]:
+    path = Path(run_dir) / f"{index:05d}" / SEARCH_FILE
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def assess(run_dir: Path, indices: Iterable[int], checker: Checker | None = None) -> list[PromptOutcome]:
+    """Outcomes of the finished prompts `indices`, checking each selected image when a checker is given."""
+    outcomes = []
+    for index in indices:
+        search = read_search(run_dir, index)
+        correct = None
+        if checker is not None:
+            folder = Path(run_dir) / f"{index:05d}"
+            record = json.loads((folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()[0])
+            with Image.open(folder / "samples" / "0000.png") as image:
+                correct = bool(checker.check(image.convert("RGB"), record))
+        outcomes.append(PromptOutcome(index, search["tag"], search["score"], search["score_ok"], correct))
+    return outcomes
+
+
+def read_budget(run_dir: Path, indices: Iterable[int]) -> Budget:
+    """The summed budget of the finished prompts `indices` (from their search.json files)."""
+    total = Budget()
+    for index in indices:
+        total.add(Budget.from_dict(read_search(run_dir, index)["budget"]))
+    return total
+
+
+def _scores(outcomes: Sequence[PromptOutcome]) -> dict[str, Any]:
+    scores = [o.score for o in outcomes]
+    verdicts = [o.correct for o in outcomes if o.correct is not None]
+    return {
+        "prompts": len(outcomes),
+        "mean_score": sum(scores) / len(scores) if scores else None,
+        "accuracy": sum(verdicts) / len(verdicts) if verdicts else None,
+        "checked": len(verdicts),
+    }
+
+
+def per_prompt_budget(budget: Budget, prompts: int) -> dict[str, float] | None:
+    """Mean spending per prompt: the x axes of scaling plots (images, NFE) and the API cost."""
+    if prompts == 0:
+        return None
+    return {
+        "images": budget.images / prompts,
+        "nfe": budget.nfe / prompts,
+        **{f"{role}_calls": budget.role(role).calls / prompts for role in ROLES},
+        "tokens_in": sum(budget.role(role).tokens_in for role in ROLES) / prompts,
+        "tokens_out": sum(budget.role(role).tokens_out for role in ROLES) / prompts,
+    }
+
+
+def job_result(
+    *,
+    job: Mapping[str, Any],
+    search: Mapping[str, Any],
+    shard: Mapping[str, int],
+    outcomes: Sequence[PromptOutcome],
+    budget: Budget,
+    job_seconds: Mapping[str, float],
+    wandb: Mapping[str, Any] | None = None,
+    merged_from: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The result file's content (see the module docstring); `outcomes` in prompt-index order,
+    `job_seconds` the job's wall time by stage (setup, search, assess, total)."""
+    tags: dict[str, list[PromptOutcome]] = {}
+    for outcome in outcomes:
+        tags.setdefault(outcome.tag or UNTAGGED, []).append(outcome)
+    spent = budget.to_dict()
+    spent["seconds"].update({f"job_{stage}": value for stage, value in job_seconds.items()})
+    result = {
+        "preset": job["preset"],
+        "width": search["width"],
+        "depth": search["depth"],
+        "search_budget": search.get("budget"),
+        "job": dict(job),
+        "search": dict(search),
+        "shard": dict(shard),
+        **_scores(outcomes),
+        "failed_selections": sum(1 for o in outcomes if not o.ok),
+        "tags": {tag: _scores(members) for tag, members in sorted(tags.items())},
+        "budget": spent,
+        "per_prompt_budget": per_prompt_budget(budget, len(outcomes)),
+        "wandb": None if wandb is None else dict(wandb),
+        "per_prompt": [asdict(o) for o in outcomes],
+    }
+    if merged_from is not None:
+        result["merged_from"] = [dict(m) for m in merged_from]
+    return result
+
+
+def write_result(run_dir: str | os.PathLike, result: Mapping[str, Any], suffix: str = "") -> Path:
+    path = result_path(run_dir, suffix)
+    atomic_write(path, (json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode())
+    return path
+
+
+def read_results(root: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
+    """Every result file under `root` (a run, a multirun or a tree of them), in path order."""
+    found = []
+    for path in sorted(Path(root).rglob("result*.json")):
+        if path.name == "result.json" or path.name.startswith("result.shard-"):
+            found.append((path, json.loads(path.read_text(encoding="utf-8"))))
+    return found
