@@ -158,3 +158,32 @@ def test_two_process_training(tmp_path, cache, strategy):
     assert lora and all(v.ndim == 2 for v in lora.values())  # gathered full tensors, not shards
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 3 and all("lora_" in k for k in state["state_dict"])
+
+
+@pytest.mark.slow
+def test_resume_after_the_process_was_killed(tmp_path, cache):
+    """SIGKILL a CLI run once its step-4 checkpoint exists, resume: the final LoRA equals an uninterrupted run's."""
+    import signal
+    import time
+
+    common = ["trainer.max_steps=12", "checkpoint.every_n_steps=2", "validation.every_n_steps=0"]
+    straight = run_cli(tmp_path / "straight", *common, cache=cache)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    env = dict(os.environ, REFLECTIONFLOW_CACHE=str(cache), OMP_NUM_THREADS="1")
+    killed_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "reflectionflow.train", *FAST, f"hydra.run.dir={killed_dir}", *common]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed_dir / "checkpoints" / "step-0000004.ckpt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before its step-4 checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # checkpoint files appear complete (atomic rename); steps 5+ are lost
+    process.wait()
+    assert not (killed_dir / "lora" / "final").exists(), "the run finished before it was killed"
+
+    resumed = run_cli(killed_dir, *common, "resume=true", "logger.csv.version=resumed", cache=cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(tmp_path / "straight" / "lora" / "final" / "pytorch_lora_weights.safetensors")
+    b = load_file(killed_dir / "lora" / "final" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

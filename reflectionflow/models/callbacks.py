@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
@@ -26,6 +28,18 @@ def _every(trainer: L.Trainer, every_n_steps: int, state: dict) -> bool:
         return False
     state["last"] = step
     return True
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written to a temporary name and renamed into place: a run killed mid-write leaves
+    the previous checkpoint intact instead of a truncated one, so `resume=true` always finds a good file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)
 
 
 class StepCheckpoint(ModelCheckpoint):
