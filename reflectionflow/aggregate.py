@@ -13,10 +13,9 @@ import argparse
 import logging
 import sys
 
-from reflectionflow.search.aggregation import aggregate, load_rows
+from reflectionflow.search.aggregation import aggregate
 from reflectionflow.search.errors import SetupError
 from reflectionflow.search.sharding import merge_runs
-from reflectionflow.search.wandb_logging import settings_from_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,13 +47,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"mean score {result['mean_score']} -> {args.out}"
             )
             return
-        wandb = None
-        if args.wandb:
-            wandb = settings_from_results(load_rows(args.dirs[0])[1])
-            if wandb is None:
-                raise SetupError("--wandb: no job under this directory logged to W&B (wandb.enabled=true)")
-        aggregate(args.dirs[0], wandb)
-    except (SetupError, FileNotFoundError) as err:
+        aggregate(args.dirs[0], log_wandb=args.wandb)
+    except SetupError as err:
         sys.exit(f"error: {err}")
 
 

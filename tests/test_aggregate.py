@@ -172,11 +172,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         aggregate_cli(["--merge", str(tmp_path)])
     assert exit_info.value.code == 2 and "--merge and --out go together" in capsys.readouterr().err
     write_job(tmp_path / "0", "noise", 1, 0, "a", checked=False)
-    with pytest.raises(SystemExit, match="error: --wandb: no job under this directory logged to W&B"):
+    with pytest.raises(SystemExit, match=f"error: no job under {tmp_path} logged to W&B"):
         aggregate_cli([str(tmp_path), "--wandb"])
 
 
 def test_callback_skips_a_sweep_without_results(tmp_path, caplog):
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
     AggregateCallback().on_multirun_end(config)
-    assert "nothing to aggregate" in caplog.text and not list(tmp_path.iterdir())
+    assert "nothing to aggregate: no result files" in caplog.text and not list(tmp_path.iterdir())

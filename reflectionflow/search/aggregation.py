@@ -21,9 +21,10 @@ from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
+from reflectionflow.search.errors import SetupError
 from reflectionflow.search.outputs import atomic_write
 from reflectionflow.search.results import read_results
-from reflectionflow.search.wandb_logging import WandbSettings, log_scaling, settings_from_results
+from reflectionflow.search.wandb_logging import log_scaling, settings_from_results
 
 log = logging.getLogger(__name__)
 # Overrides that place a job on the x axis or name its preset, rather than make it a different series.
@@ -201,13 +202,18 @@ def plot_scaling(rows: Sequence[JobRow]) -> Figure:
     return figure
 
 
-def aggregate(root: str | os.PathLike, wandb: WandbSettings | None = None) -> dict[str, Path]:
-    """Write the table (markdown, CSV) and the plot for every job under `root`; log them to W&B if asked
-    (`settings_from_results`: into the project and group the jobs logged to)."""
+def aggregate(root: str | os.PathLike, log_wandb: bool = False) -> dict[str, Path]:
+    """Write the table (markdown, CSV) and the plot for every job under `root`; with `log_wandb`, log them
+    into the W&B project and group the jobs logged to."""
     root = Path(root)
     rows, results = load_rows(root)
     if not rows:
-        raise FileNotFoundError(f"no result files with finished prompts under {root}")
+        raise SetupError(f"no result files with finished prompts under {root}")
+    wandb = settings_from_results(results) if log_wandb else None
+    if log_wandb and wandb is None:
+        raise SetupError(
+            f"no job under {root} logged to W&B (wandb.enabled=true), so there is no group to log to"
+        )
     paths = {"table": root / TABLE, "csv": root / CSV, "plot": root / PLOT}
     atomic_write(paths["table"], markdown_table(rows).encode())
     atomic_write(paths["csv"], csv_table(rows).encode())
@@ -227,12 +233,11 @@ def aggregate(root: str | os.PathLike, wandb: WandbSettings | None = None) -> di
 
 
 class AggregateCallback(Callback):
-    """Aggregates a multirun when it ends (the table and plot land in `hydra.sweep.dir`)."""
+    """Aggregates a multirun when it ends: the table and plot land in `hydra.sweep.dir` (and in W&B when
+    the jobs logged there)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        root = Path(config.hydra.sweep.dir)
-        _, results = load_rows(root)
-        if not results:
-            log.warning("no finished jobs under %s: nothing to aggregate", root)
-            return
-        aggregate(root, settings_from_results(results))
+        try:
+            aggregate(config.hydra.sweep.dir, log_wandb=bool(config.get("wandb", {}).get("enabled")))
+        except SetupError as err:
+            log.warning("nothing to aggregate: %s", err)

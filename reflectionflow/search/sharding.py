@@ -26,6 +26,7 @@ from reflectionflow.search.results import (
     job_result,
     read_budget,
     read_results,
+    read_search,
     write_result,
 )
 
@@ -190,6 +191,9 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     if set(outcomes) != set(folders):
         missing = sorted(set(folders) ^ set(outcomes))
         raise SetupError(f"prompt folders and the shards' results disagree about prompts {missing[:5]}")
+    for index, folder in folders.items():
+        if read_search(folder.parent, index)["score"] != outcomes[index]["score"]:
+            raise SetupError(f"{folder}: search.json and its shard's result disagree on the score")
 
     out.mkdir(parents=True, exist_ok=True)
     for folder in (folders[index] for index in sorted(folders)):
@@ -199,10 +203,8 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
                 shutil.rmtree(target)
             shutil.copytree(folder, target)
     writer = RunWriter(out)
-    for index in sorted(folders):
-        search = writer.finished(index)
-        if search["score"] != outcomes[index]["score"]:
-            raise SetupError(f"prompt {index:05d}: search.json and its shard's result disagree on the score")
+    for index in sorted(folders):  # index order, as an unsharded run sums them
+        writer.finished(index)
     writer.write_summary()
 
     job_seconds: dict[str, float] = {}  # summed over the shards: compute spent, not elapsed time

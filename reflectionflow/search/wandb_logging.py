@@ -76,7 +76,8 @@ def _strip(images: Sequence[Image.Image]) -> Image.Image:
 
 
 def prompt_table(run_dir: Path, per_prompt: Sequence[Mapping[str, Any]], rounds: int, thumbnail_size: int):
-    """A `wandb.Table`: one row per prompt, with the selected image and each round's chains side by side."""
+    """A `wandb.Table`: one row per prompt, with the selected image and, per round, its chains' images side
+    by side, their scores, the reflections and prompts each of those images was generated from."""
     import wandb
 
     columns = ["index", "tag", "prompt", "selected", "score", "correct", "selected round", "selected chain"]
