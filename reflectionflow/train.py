@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from reflectionflow.config import ConfigError, redact_secrets
+from reflectionflow.recipes import is_built, mark_built, product_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,12 @@ def check_config(cfg: DictConfig) -> None:
     from reflectionflow.models.loading import resolve_lora_path, resolve_model_path
 
     strategy = _strategy_name(cfg)
+    if isinstance(cfg.trainer.get("strategy", "auto"), str):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        known = ["auto", *StrategyRegistry.available_strategies()]
+        if strategy not in known:
+            raise ConfigError(f"trainer.strategy={strategy} is not a Lightning strategy; use one of: {', '.join(known)}")
     if any(name in strategy for name in _GPU_ONLY_STRATEGIES):
         if not torch.cuda.is_available():
             raise ConfigError(
@@ -45,7 +52,8 @@ def check_config(cfg: DictConfig) -> None:
             import deepspeed  # noqa: F401
         except ImportError:
             raise ConfigError("trainer=deepspeed needs DeepSpeed: pip install 'reflectionflow[deepspeed]'") from None
-    resolve_model_path(cfg.model.path, "model.path")
+    if cfg.model.get("path"):
+        resolve_model_path(cfg.model.path, "model.path")
     if cfg.get("init_lora_path"):
         resolve_lora_path(cfg.init_lora_path, "init_lora_path")
 
@@ -66,13 +74,19 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def train(cfg: DictConfig, extra_callbacks=()):
-    """Run one training job; returns the fitted Lightning `Trainer` (`trainer.lightning_module`).
+    """Run one training job; returns the fitted Lightning `Trainer` (`trainer.lightning_module`), or None
+    when the run is a recipe whose product is already cached.
 
     `extra_callbacks` are appended to the configured ones (programmatic use: benchmarks, notebooks).
     """
     import lightning as L
 
     check_config(cfg)
+    product = product_dir(cfg)  # recipes (`recipe: <name>`): a cached product skips training
+    if product is not None and is_built(product):
+        log.info("recipe %s: reusing %s", cfg.recipe, product)
+        mark_built(cfg.recipe, product)
+        return None
     run_dir = Path(cfg.paths.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -86,6 +100,9 @@ def train(cfg: DictConfig, extra_callbacks=()):
     for logger in trainer.loggers:
         logger.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, run_dir))
+    if product is not None and trainer.is_global_zero:
+        model.export(product)
+        mark_built(cfg.recipe, product)
     return trainer
 
 

@@ -122,6 +122,7 @@ def test_wandb_offline_run_holds_the_validation_panel(tmp_path, cache):
     "overrides,message",
     [
         (["trainer=deepspeed"], "DeepSpeed runs on CUDA GPUs only"),
+        (["trainer.strategy=ddp_typo"], "trainer.strategy=ddp_typo is not a Lightning strategy"),
         (["model.path=/nonexistent/flux"], "model.path="),
         (["data.shards='/nonexistent/genref_{0..3}.tar'"], "/nonexistent/genref"),
     ],
