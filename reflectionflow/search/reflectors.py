@@ -93,6 +93,14 @@ def _evaluation_text(evaluation: Score) -> str:
     )
 
 
+async def _ask_about_image(chat: OpenAIChat, system: str, text: str, image: Image.Image, parse) -> TextAnswer:
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": [{"type": "text", "text": text}, chat.image(image)]},
+    ]
+    return TextAnswer.from_chat(await chat.ask(messages, parse))
+
+
 class OpenAIReflector:
     def __init__(self, chat: OpenAIChat):
         self.chat = chat
@@ -101,11 +109,7 @@ class OpenAIReflector:
         self, image: Image.Image, prompt: str, evaluation: Score, meta: Mapping[str, Any]
     ) -> TextAnswer:
         text = reflector_request(prompt, _evaluation_text(evaluation))
-        messages = [
-            {"role": "system", "content": REFLECTOR_SYSTEM},
-            {"role": "user", "content": [{"type": "text", "text": text}, self.chat.image(image)]},
-        ]
-        return TextAnswer.from_chat(await self.chat.ask(messages, parse_reflection))
+        return await _ask_about_image(self.chat, REFLECTOR_SYSTEM, text, image, parse_reflection)
 
     async def aclose(self) -> None:
         await self.chat.aclose()
@@ -126,11 +130,7 @@ class OpenAIPromptRefiner:
         meta: Mapping[str, Any],
     ) -> TextAnswer:
         text = refiner_request(goal, prompt, _evaluation_text(evaluation), reflection)
-        messages = [
-            {"role": "system", "content": REFINER_SYSTEM},
-            {"role": "user", "content": [{"type": "text", "text": text}, self.chat.image(image)]},
-        ]
-        return TextAnswer.from_chat(await self.chat.ask(messages, parse_prompt))
+        return await _ask_about_image(self.chat, REFINER_SYSTEM, text, image, parse_prompt)
 
     async def aclose(self) -> None:
         await self.chat.aclose()
