@@ -13,9 +13,14 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
-from reflectionflow.models.corrector import condition_ids, corrector_forward, dead_end_lora_parameters, latent_ids
+from reflectionflow.models.corrector import (
+    condition_ids,
+    corrector_forward,
+    dead_end_lora_parameters,
+    latent_ids,
+)
+from reflectionflow.models.flow_matching import flow_matching_loss
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict
 from reflectionflow.models.pipeline import encode_images, quiet_prompt_truncation
 
@@ -120,31 +125,33 @@ class ReflectionTuningModule(L.LightningModule):
         return {"target": target, "condition": condition, "t5": t5, "pooled": pooled}
 
     def flow_matching_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """x_t = (1 - t) x0 + t noise, velocity target noise - x0, MSE on target tokens; t ~ logit-normal."""
+        """The shared flow-matching loss (`models.flow_matching`) on the target tokens of the joint sequence."""
         hp = self.hparams
         enc = self.encode_batch(batch, generator)
-        x0 = enc["target"].float()
-        b = x0.shape[0]
-        t = torch.sigmoid(torch.randn(b, generator=generator, device=self.device) * hp.timestep_std + hp.timestep_mean)
-        noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        b = enc["target"].shape[0]
+        scale = self.pipe.vae_scale_factor
         target_size = batch["image"].shape[-2:]
         dtype = self.transformer.dtype
-        velocity = corrector_forward(
-            self.transformer,
-            hidden_states=xt.to(dtype),
-            encoder_hidden_states=enc["t5"].to(dtype),
-            pooled_projections=enc["pooled"].to(dtype),
-            timestep=t.to(dtype),
-            img_ids=latent_ids(target_size[0] // 8, target_size[1] // 8, device=self.device, dtype=dtype),
-            txt_ids=torch.zeros(enc["t5"].shape[1], 3, device=self.device, dtype=dtype),
-            guidance=torch.full((b,), hp.guidance, device=self.device) if self.transformer.config.guidance_embeds else None,
-            cond_hidden_states=enc["condition"].to(dtype),
-            cond_ids=condition_ids(batch["condition"].shape[-1], device=self.device, dtype=dtype),
-            attention=hp.attention,
-            lora_on_target=hp.lora_on_target,
-        )
-        return F.mse_loss(velocity.float(), noise - x0)
+        img_ids = latent_ids(target_size[0] // scale, target_size[1] // scale, device=self.device, dtype=dtype)
+        cond_ids = condition_ids(batch["condition"].shape[-1] * 8 // scale, device=self.device, dtype=dtype)
+
+        def predict(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return corrector_forward(
+                self.transformer,
+                hidden_states=xt.to(dtype),
+                encoder_hidden_states=enc["t5"].to(dtype),
+                pooled_projections=enc["pooled"].to(dtype),
+                timestep=t.to(dtype),
+                img_ids=img_ids,
+                txt_ids=torch.zeros(enc["t5"].shape[1], 3, device=self.device, dtype=dtype),
+                guidance=torch.full((b,), hp.guidance, device=self.device) if self.transformer.config.guidance_embeds else None,
+                cond_hidden_states=enc["condition"].to(dtype),
+                cond_ids=cond_ids,
+                attention=hp.attention,
+                lora_on_target=hp.lora_on_target,
+            )
+
+        return flow_matching_loss(predict, enc["target"], generator, hp.timestep_mean, hp.timestep_std)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.flow_matching_loss(batch, self._step_generator())

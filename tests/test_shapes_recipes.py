@@ -1,0 +1,97 @@
+"""The shapes miniature's recipes through the real configs: shared flow matching, the VAE and the base
+model a few steps end to end, products cached by config and loadable by the project's loaders."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reflectionflow.models.flow_matching import flow_matching_loss
+
+FAST_VAE = [
+    "trainer.max_steps=2",
+    "data.batch_size=4",
+    "model.eval_per_category=1",
+    "trainer.log_every_n_steps=1",
+]
+FAST_BASE = [
+    "trainer.max_steps=2",
+    "data.batch_size=4",
+    "model.eval_per_category=1",
+    "model.eval_steps=2",
+    "trainer.log_every_n_steps=1",
+    "model.transformer.num_layers=1",
+    "model.transformer.num_single_layers=1",
+]
+
+
+def run_cli(run_dir, experiment, *overrides, cache):
+    env = dict(os.environ, REFLECTIONFLOW_CACHE=str(cache), OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    cmd = [
+        sys.executable,
+        "-m",
+        "reflectionflow.train",
+        f"experiment={experiment}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.run([*cmd, *overrides], capture_output=True, text=True, env=env, timeout=600)
+
+
+def latest(cache: Path, recipe: str) -> Path:
+    return Path((cache / "recipes" / f"{recipe}.latest").read_text().strip())
+
+
+@pytest.fixture(scope="module")
+def vae_product(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    result = run_cli(tmp_path_factory.mktemp("vae"), "shapes_vae", *FAST_VAE, cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cache, latest(cache, "shapes_vae")
+
+
+def test_flow_matching_loss_is_zero_for_the_true_velocity():
+    x0 = torch.zeros(3, 5, 8)  # x_t = t * noise, so the velocity noise - x0 is x_t / t
+    generator = torch.Generator().manual_seed(0)
+    loss = flow_matching_loss(lambda xt, t: xt / t[:, None, None], x0, generator)
+    assert loss.item() < 1e-8
+    wrong = flow_matching_loss(lambda xt, t: torch.zeros_like(xt), x0, torch.Generator().manual_seed(0))
+    assert wrong.item() > 0.1
+
+
+def test_vae_recipe_writes_a_4x_16_channel_vae_with_checker_metrics(vae_product):
+    from diffusers import AutoencoderKL
+
+    _, product = vae_product
+    vae = AutoencoderKL.from_pretrained(product / "vae")
+    assert vae.config.latent_channels == 16 and 2 ** (len(vae.config.block_out_channels) - 1) == 4
+    assert vae.config.scaling_factor != 1.0  # set from the latent statistics at export
+    metrics = json.loads((product / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and len(metrics["per_tag"]) == 6
+
+
+def test_a_second_run_with_the_same_config_reuses_the_product(vae_product, tmp_path):
+    cache, product = vae_product
+    before = (product / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    result = run_cli(tmp_path / "again", "shapes_vae", *FAST_VAE, cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reusing" in result.stdout + result.stderr
+    assert (product / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+    assert not (tmp_path / "again" / "logs").exists()  # nothing trained
+
+
+def test_base_recipe_saves_a_flux_pipeline_the_project_loads(vae_product, tmp_path):
+    from reflectionflow.models.loading import load_flux_pipeline
+
+    cache, vae = vae_product
+    result = run_cli(tmp_path / "base", "shapes_base", *FAST_BASE, f"model.vae_path={vae}", cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    product = latest(cache, "shapes_base")
+    assert product.name.startswith("shapes_base-")
+    flux = load_flux_pipeline(str(product))
+    assert flux.vae_scale_factor == 4 and flux.transformer.config.num_layers == 1
+    metrics = json.loads((product / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["global_step"] == 2
