@@ -184,7 +184,7 @@ class TextToImageModule(L.LightningModule):
         pixels = batch["image"]
         b = pixels.shape[0]
         with torch.no_grad():
-            x0 = encode_images(self.pipe.vae, pixels, generator=generator, sample=True)
+            x0 = encode_images(self.pipe.vae, pixels)  # the mode: the VAE was trained without sampling
         keep = torch.rand(b, generator=generator, device=self.device) >= hp.prompt_dropout
         prompts = list(batch["prompt"])
         t5_texts = [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
