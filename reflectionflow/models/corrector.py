@@ -69,15 +69,16 @@ def latent_ids(height: int, width: int, device=None, dtype=torch.float32) -> tor
     return ids.reshape(-1, 3)
 
 
-def condition_ids(condition_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def condition_ids(condition_size: int, device=None, dtype=torch.float32, vae_scale_factor: int = 8) -> torch.Tensor:
     """RoPE ids of a `condition_size`-pixel square condition image, shifted by the paper's position delta.
 
-    The delta `(0, -condition_size // 16)` is added to axes 1 and 2 of the ids: rows stay, columns move left
-    by `condition_size // 16`, so the condition sits beside the target rather than on top of it.
+    The delta `(0, -condition_size // 16)` (FLUX's 8x VAE: the condition's width in tokens) is added to axes
+    1 and 2 of the ids: rows stay, columns move left by that many tokens, so the condition sits beside the
+    target rather than on top of it. Other VAEs shift by their own token width.
     """
-    latent = condition_size // 8
+    latent = condition_size // vae_scale_factor
     ids = latent_ids(latent, latent, device=device, dtype=dtype)
-    ids[:, 2] -= condition_size // 16
+    ids[:, 2] -= latent // 2
     return ids
 
 

@@ -133,7 +133,7 @@ class ReflectionTuningModule(L.LightningModule):
         target_size = batch["image"].shape[-2:]
         dtype = self.transformer.dtype
         img_ids = latent_ids(target_size[0] // scale, target_size[1] // scale, device=self.device, dtype=dtype)
-        cond_ids = condition_ids(batch["condition"].shape[-1] * 8 // scale, device=self.device, dtype=dtype)
+        cond_ids = condition_ids(batch["condition"].shape[-1], device=self.device, dtype=dtype, vae_scale_factor=scale)
 
         def predict(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return corrector_forward(

@@ -42,9 +42,14 @@ def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None =
     return pack_latents(latents)
 
 
-def decode_tokens(vae, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def latent_size(pixels: int, vae_scale_factor: int = 8) -> int:
+    """Latent side for an image side, rounded down to what 2x2 packing tiles (as `FluxPipeline` does)."""
+    return 2 * (pixels // (vae_scale_factor * 2))
+
+
+def decode_tokens(vae, tokens: torch.Tensor, height: int, width: int, vae_scale_factor: int = 8) -> torch.Tensor:
     """Packed latent tokens -> pixels in [-1, 1]; `height`/`width` in pixels."""
-    latents = unpack_latents(tokens, height // 8, width // 8)
+    latents = unpack_latents(tokens, latent_size(height, vae_scale_factor), latent_size(width, vae_scale_factor))
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
     return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 
@@ -77,8 +82,10 @@ class ReflectionFluxPipeline:
     ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
-        if condition_size % 16:
-            raise ValueError(f"condition_size must be a multiple of 16, got {condition_size}")
+        if condition_size % (2 * flux.vae_scale_factor):
+            raise ValueError(
+                f"condition_size must be a multiple of {2 * flux.vae_scale_factor} (2x2 packed latents), got {condition_size}"
+            )
         quiet_prompt_truncation()
         self.flux = flux
         self.attention = attention
@@ -117,6 +124,10 @@ class ReflectionFluxPipeline:
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
+    def _latent_shape(self, height: int, width: int) -> tuple[int, int]:
+        scale = self.flux.vae_scale_factor
+        return latent_size(height, scale), latent_size(width, scale)
+
     def nfe_per_image(self, num_inference_steps: int, true_cfg_scale: float = 1.0) -> int:
         """Transformer forward passes one image costs."""
         return num_inference_steps * (2 if true_cfg_scale > 1 else 1)
@@ -152,7 +163,7 @@ class ReflectionFluxPipeline:
     def initial_noise(self, seed: int, height: int, width: int) -> torch.Tensor:
         """The packed initial noise (N, 64) `FluxPipeline` draws for `torch.Generator().manual_seed(seed)`."""
         generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (1, self.transformer.config.in_channels // 4, 2 * (height // 16), 2 * (width // 16))
+        shape = (1, self.transformer.config.in_channels // 4, *self._latent_shape(height, width))
         return pack_latents(torch.randn(shape, generator=generator, dtype=self.dtype))[0]
 
     # ---------------------------------------------------------------------------------------------------
@@ -193,7 +204,7 @@ class ReflectionFluxPipeline:
                 noises[part].to(self.device, self.dtype), height, width,
                 num_inference_steps, guidance_scale, true_cfg_scale,
             )
-            pixels = decode_tokens(self.flux.vae, tokens, height, width)
+            pixels = decode_tokens(self.flux.vae, tokens, height, width, self.flux.vae_scale_factor)
             images.append(self.flux.image_processor.postprocess(pixels, output_type=output_type))
         if output_type == "pil":
             return [image for part in images for image in part]
@@ -234,7 +245,7 @@ class ReflectionFluxPipeline:
         forward = dict(
             encoder_hidden_states=t5.to(self.dtype),
             pooled_projections=pooled.to(self.dtype),
-            img_ids=latent_ids(2 * (height // 16), 2 * (width // 16), device=self.device, dtype=self.dtype),
+            img_ids=latent_ids(*self._latent_shape(height, width), device=self.device, dtype=self.dtype),
             txt_ids=torch.zeros(t5.shape[1], 3, device=self.device, dtype=self.dtype),
             guidance=guidance,
             attention=self.attention,
@@ -265,7 +276,8 @@ class ReflectionFluxPipeline:
         unique = list(dict.fromkeys(keys))
         first = {key: keys.index(key) for key in unique}
         latents = self.encode_condition([conditions[first[k]] for k in unique])
-        ids = condition_ids(self.condition_size, device=self.device, dtype=self.dtype)
+        ids = condition_ids(self.condition_size, device=self.device, dtype=self.dtype,
+                            vae_scale_factor=self.flux.vae_scale_factor)
         index = torch.tensor([unique.index(k) for k in keys], device=self.device)
         if cfg:
             index = torch.cat([index, index])
@@ -303,7 +315,7 @@ class ReflectionFluxPipeline:
             conditions = [image] * batch if isinstance(image, Image.Image) else list(image)
         reflections = [reflection] * batch if reflection is None or isinstance(reflection, str) else list(reflection)
         if latents is None:
-            shape = (batch, self.transformer.config.in_channels // 4, 2 * (height // 16), 2 * (width // 16))
+            shape = (batch, self.transformer.config.in_channels // 4, *self._latent_shape(height, width))
             latents = pack_latents(randn_tensor(shape, generator=generator, dtype=self.dtype))
         return self.generate(
             prompts, noises=latents, height=height, width=width, conditions=conditions, reflections=reflections,
