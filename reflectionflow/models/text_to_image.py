@@ -26,12 +26,6 @@ from reflectionflow.models.pipeline import encode_images, quiet_prompt_truncatio
 log = logging.getLogger(__name__)
 
 
-def pipeline_size(pixels: int, vae_scale_factor: int) -> int:
-    """The `height`/`width` to pass `ReflectionFluxPipeline` for `pixels`-sized images: it sizes latents
-    as if the VAE downsampled 8x, so a 4x VAE needs twice the pixel size to get the right latent grid."""
-    return pixels * 8 // vae_scale_factor
-
-
 def shapes_corpus(n_reflections: int = 300) -> list[str]:
     """Every prompt of the shapes world plus sample reflections: the tokenizers' training text, so a
     prompt is ~20 T5 tokens instead of ~34 with the GenEval-trained tiny tokenizers."""
@@ -115,7 +109,7 @@ def sample_accuracy(
     from reflectionflow.models.pipeline import ReflectionFluxPipeline
 
     pipe = ReflectionFluxPipeline(flux, max_sequence_length=max_sequence_length)
-    size = pipeline_size(image_size, flux.vae_scale_factor)
+    size = image_size
     specs = heldout_eval_set(n_per_category, seed)
     correct: dict[str, list[bool]] = {}
     for start in range(0, len(specs), batch):
