@@ -134,6 +134,7 @@ class FluxGenerator:
         lora_on_target: bool = False,
         condition_size: int = 512,
         micro_batch: int = 4,
+        max_sequence_length: int = 512,
     ):
         from reflectionflow.models.pipeline import ReflectionFluxPipeline
 
@@ -153,6 +154,7 @@ class FluxGenerator:
             lora_on_target=lora_on_target,
             condition_size=condition_size,
             micro_batch=micro_batch,
+            max_sequence_length=max_sequence_length,
         )
         self.height, self.width = height, width
         self.num_inference_steps = num_inference_steps
