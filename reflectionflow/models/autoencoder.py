@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reflectionflow.models.optim import build_optimizers
+
 log = logging.getLogger(__name__)
 
 
@@ -94,14 +96,8 @@ class AutoencoderModule(L.LightningModule):
         )
 
     def configure_optimizers(self):
-        params = list(self.vae.parameters())
-        optimizer = (
-            self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-3)
-        )
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        params = self.vae.parameters()
+        return build_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory, default_lr=1e-3)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """L1 on the posterior mode (no sampling noise: colour is a small signal that the N(0, 1) noise of

@@ -22,6 +22,7 @@ from reflectionflow.models.corrector import (
 )
 from reflectionflow.models.flow_matching import flow_matching_loss
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict
+from reflectionflow.models.optim import build_optimizers
 from reflectionflow.models.pipeline import encode_images, quiet_prompt_truncation
 
 
@@ -98,11 +99,7 @@ class ReflectionTuningModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.transformer.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-4)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory, default_lr=1e-4)
 
     # ---------------------------------------------------------------------------------------------------
     def _step_generator(self) -> torch.Generator:

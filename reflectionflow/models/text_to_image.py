@@ -21,6 +21,7 @@ import torch
 
 from reflectionflow.models.corrector import latent_ids
 from reflectionflow.models.flow_matching import flow_matching_loss
+from reflectionflow.models.optim import build_optimizers
 from reflectionflow.models.pipeline import encode_images, quiet_prompt_truncation
 
 log = logging.getLogger(__name__)
@@ -164,13 +165,7 @@ class TextToImageModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = (
-            self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=3e-4)
-        )
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory, default_lr=3e-4)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
