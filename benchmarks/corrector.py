@@ -17,7 +17,12 @@ import time
 import torch
 from diffusers import FluxTransformer2DModel
 
-from reflectionflow.models.corrector import build_condition_cache, condition_ids, corrector_forward, latent_ids
+from reflectionflow.models.corrector import (
+    build_condition_cache,
+    condition_ids,
+    corrector_forward,
+    latent_ids,
+)
 from reflectionflow.models.lora import add_lora
 
 N_TARGET, N_COND, N_TEXT, STEPS = 256, 64, 64, 28

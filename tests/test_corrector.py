@@ -7,9 +7,9 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from reflectionflow.models.corrector import (
     build_condition_cache,
-    dead_end_lora_parameters,
     condition_ids,
     corrector_forward,
+    dead_end_lora_parameters,
     latent_ids,
     pack_latents,
     unpack_latents,
@@ -115,7 +115,7 @@ def reference_forward(tr, inputs, cond, attention, lora_on_target):
         out = attend(attn, torch.cat([tq, *qs], 1), torch.cat([tk, *ks], 1), torch.cat([tv, *vs], 1))
         o_t, o_x, o_c = out.split([n_t, n_x, n_c], dim=1)
         new = []
-        for (h, _, lora), m, o in zip(segs, mods, [o_x, o_c]):
+        for (h, _, lora), m, o in zip(segs, mods, [o_x, o_c], strict=True):
             h = h + m[2][:, None] * _linear(attn.to_out[0], o, lora)
             nh = blk.norm2(h) * (1 + m[4][:, None]) + m[3][:, None]
             ff = _linear(blk.ff.net[2], F.gelu(_linear(blk.ff.net[0].proj, nh, lora), approximate="tanh"), lora)
@@ -128,7 +128,7 @@ def reference_forward(tr, inputs, cond, attention, lora_on_target):
     for blk in tr.single_transformer_blocks:
         attn = blk.attn
         segs = [(torch.cat([txt, x], 1), temb, t_lora), (c, ctemb, True)]
-        gates, mlps, qs, ks, vs, normed = [], [], [], [], [], []
+        gates, mlps, qs, ks, vs = [], [], [], [], []
         for h, e, lora in segs:
             shift, scale, gate = _adaln(blk.norm, e, lora).chunk(3, dim=1)
             nh = blk.norm.norm(h) * (1 + scale[:, None]) + shift[:, None]
@@ -140,7 +140,7 @@ def reference_forward(tr, inputs, cond, attention, lora_on_target):
         out = attend(attn, torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1))
         o_main, o_c = out.split([n_t + n_x, n_c], dim=1)
         new = []
-        for (h, _, lora), gate, mlp, o in zip(segs, gates, mlps, [o_main, o_c]):
+        for (h, _, lora), gate, mlp, o in zip(segs, gates, mlps, [o_main, o_c], strict=True):
             new.append(h + gate[:, None] * _linear(blk.proj_out, torch.cat([o, mlp], 2), lora))
         txt, x = new[0].split([n_t, n_x], dim=1)
         c = new[1]
