@@ -31,42 +31,24 @@ def shapes_corpus(n_reflections: int = 300) -> list[str]:
     """Every prompt of the shapes world plus sample reflections: the tokenizers' training text, so a
     prompt is ~20 T5 tokens instead of ~34 with the GenEval-trained tiny tokenizers."""
     from reflectionflow.data.shapes import CATEGORIES, all_specs, rendered_triplets
-    from reflectionflow.models.tiny import _REFLECTION_WORDS
+    from reflectionflow.models.tiny import REFLECTION_WORDS
 
     prompts = [spec.prompt for tag in CATEGORIES for spec in all_specs(tag)]
     reflections = [triplet.reflection for triplet in rendered_triplets(n_reflections, seed=12345)]
-    return [*prompts, *reflections, _REFLECTION_WORDS]
+    return [*prompts, *reflections, REFLECTION_WORDS]
 
 
 def build_flux_pipeline(vae_path: str, transformer: dict, t5: dict, clip: dict, seed: int = 0):
     """A FluxPipeline of fresh toy-size transformer and text encoders around the trained VAE."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 
-    from reflectionflow.models.tiny import _train_tokenizers
+    from reflectionflow.models.tiny import clip_text_encoder, flux_dev_scheduler, t5_encoder, train_tokenizers
 
-    clip_tok, t5_tok = _train_tokenizers(shapes_corpus())
+    clip_tok, t5_tok = train_tokenizers(shapes_corpus())
     vae = AutoencoderKL.from_pretrained(Path(vae_path) / "vae")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            max_position_embeddings=77,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-            **clip,
-        )
-    )
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-            **t5,
-        )
-    )
+    text_encoder = clip_text_encoder(clip_tok, **clip)
+    text_encoder_2 = t5_encoder(t5_tok, **t5)
     model = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * vae.config.latent_channels,
@@ -82,15 +64,7 @@ def build_flux_pipeline(vae_path: str, transformer: dict, t5: dict, clip: dict, 
         text_encoder_2=text_encoder_2,
         tokenizer=clip_tok,
         tokenizer_2=t5_tok,
-        scheduler=FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's
-            num_train_timesteps=1000,
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
+        scheduler=flux_dev_scheduler(),
     )
 
 

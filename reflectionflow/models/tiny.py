@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 # Words a reflection uses that GenEval prompts lack; they keep the tiny T5 vocabulary meaningful.
-_REFLECTION_WORDS = (
+REFLECTION_WORDS = (
     "[Reflexion] change make add remove move replace the color shape to of a an one two three four left right "
     "above below top bottom bigger smaller circle square triangle sharper brighter darker background object "
     "count position sure should be is are and with on in"
@@ -25,10 +25,10 @@ _REFLECTION_WORDS = (
 
 def _corpus() -> list[str]:
     text = resources.files("reflectionflow.assets").joinpath("geneval_metadata.jsonl").read_text()
-    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()] + [_REFLECTION_WORDS]
+    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()] + [REFLECTION_WORDS]
 
 
-def _train_tokenizers(corpus: list[str]):
+def train_tokenizers(corpus: list[str]):
     """A byte-level BPE CLIP tokenizer and a Unigram T5 tokenizer, trained on `corpus` (deterministic)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer, T5Tokenizer
@@ -65,12 +65,57 @@ def _train_tokenizers(corpus: list[str]):
     return clip, t5
 
 
+def clip_text_encoder(tokenizer, **config):
+    """A randomly initialised CLIP text encoder for `tokenizer` (sizes in `config`, CLIP's 77 positions)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **config,
+        )
+    )
+
+
+def t5_encoder(tokenizer, **config):
+    """A randomly initialised T5 encoder for `tokenizer` (sizes in `config`)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            **config,
+        )
+    )
+
+
+def flux_dev_scheduler():
+    """FLUX.1-dev's flow-matching Euler scheduler (dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def tiny_flux_components(seed: int = 0) -> dict:
     """The components of a tiny FLUX.1-dev-architecture pipeline, randomly initialised from `seed`."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    clip_tok, t5_tok = _train_tokenizers(_corpus())
+    clip_tok, t5_tok = train_tokenizers(_corpus())
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -101,43 +146,12 @@ def tiny_flux_components(seed: int = 0) -> dict:
         use_post_quant_conv=False,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-        )
+    text_encoder = clip_text_encoder(
+        clip_tok, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, projection_dim=32
     )
     torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-        )
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
+    text_encoder_2 = t5_encoder(
+        t5_tok, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, relative_attention_num_buckets=8
     )
     return {
         "transformer": transformer.eval(),
@@ -146,7 +160,7 @@ def tiny_flux_components(seed: int = 0) -> dict:
         "text_encoder_2": text_encoder_2.eval(),
         "tokenizer": clip_tok,
         "tokenizer_2": t5_tok,
-        "scheduler": scheduler,
+        "scheduler": flux_dev_scheduler(),
     }
 
 
