@@ -29,6 +29,9 @@ def test_tiny_flux_is_small_deterministic_and_loads(tmp_path, tiny_flux_path):
     for weights in tiny_flux_path.rglob("*.safetensors"):
         a, b = load_file(weights), load_file(again / weights.relative_to(tiny_flux_path))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for folder in ("tokenizer", "tokenizer_2"):  # the same text maps to the same ids in every build
+        for file in (tiny_flux_path / folder).iterdir():
+            assert file.read_bytes() == (again / folder / file.name).read_bytes(), file
     pipe = load_flux_pipeline(tiny_flux_path)
     config = pipe.transformer.config
     assert config.guidance_embeds and config.in_channels == 64
@@ -99,10 +102,13 @@ def test_unknown_lora_targets_fail_clearly(flux):
         add_lora(flux.transformer, rank=4, target_modules=["no_such_layer"])
 
 
-def test_text_to_image_matches_diffusers_flux_pipeline(flux):
+@pytest.mark.parametrize("true_cfg_scale", [1.0, 3.0])
+def test_text_to_image_matches_diffusers_flux_pipeline(flux, true_cfg_scale):
+    """Also with true CFG: the base model's unconditional branch is FluxPipeline's negative_prompt=""."""
+    negative = {"negative_prompt": ""} if true_cfg_scale > 1 else {}
     expected = flux(PROMPT, height=64, width=64, num_inference_steps=4, generator=torch.Generator().manual_seed(3),
-                    output_type="np").images
-    ours = ReflectionFluxPipeline(flux)(PROMPT, height=64, width=64, num_inference_steps=4,
+                    output_type="np", true_cfg_scale=true_cfg_scale, **negative).images
+    ours = ReflectionFluxPipeline(flux)(PROMPT, height=64, width=64, num_inference_steps=4, true_cfg_scale=true_cfg_scale,
                                         generator=torch.Generator().manual_seed(3), output_type="np")
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 

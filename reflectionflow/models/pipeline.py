@@ -223,9 +223,11 @@ class ReflectionFluxPipeline:
             clip_texts = t5_texts = list(prompts)
         t5, pooled = self.encode_text(clip_texts, t5_texts)
         cfg = true_cfg_scale > 1
-        if cfg:  # unconditional branch: empty T5 text (the training text drop), same pooled prompt and condition
-            neg_t5, _ = self.encode_text(clip_texts, [""] * batch)
-            t5, pooled = torch.cat([t5, neg_t5]), torch.cat([pooled, pooled])
+        if cfg:
+            # Unconditional branch. Corrector: empty T5 text, same pooled prompt and condition (its training
+            # text drop). Base model: empty text for both encoders (FluxPipeline's negative_prompt="").
+            neg_t5, neg_pooled = self.encode_text([""] * batch if not corrector else clip_texts, [""] * batch)
+            t5, pooled = torch.cat([t5, neg_t5]), torch.cat([pooled, pooled if corrector else neg_pooled])
         rows = 2 * batch if cfg else batch
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.flux.scheduler.config)

@@ -2,9 +2,9 @@
 
 `FluxTransformer2DModel`, a CLIP and a T5 encoder at toy size are trained jointly with the shared
 flow-matching loss (`models.flow_matching`) on (prompt, image) pairs encoded by a frozen domain VAE.
-Classifier-free guidance comes from prompt dropout with the project's convention (the T5 text becomes
-"", the CLIP pooled text stays the prompt: what `ReflectionFluxPipeline`'s `true_cfg_scale` branch feeds
-the model). The product is a diffusers `FluxPipeline` directory that `load_flux_pipeline` loads.
+Classifier-free guidance comes from prompt dropout: both encoders read "" (what `ReflectionFluxPipeline`'s
+`true_cfg_scale` feeds a base model's unconditional branch, as FluxPipeline with `negative_prompt=""`;
+a pooled prompt kept in that branch would carry the prompt into it and leave nothing for guidance). The product is a diffusers `FluxPipeline` directory that `load_flux_pipeline` loads.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def build_flux_pipeline(vae_path: str, transformer: dict, t5: dict, clip: dict, 
     """A FluxPipeline of fresh toy-size transformer and text encoders around the trained VAE."""
     from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 
-    from reflectionflow.models.tiny import clip_text_encoder, flux_dev_scheduler, t5_encoder, train_tokenizers
+    from reflectionflow.models.tiny import clip_text_encoder, flux_dev_scheduler, t5_encoder, build_tokenizers
 
-    clip_tok, t5_tok = train_tokenizers(shapes_corpus())
+    clip_tok, t5_tok = build_tokenizers(shapes_corpus())
     vae = AutoencoderKL.from_pretrained(Path(vae_path) / "vae")
     torch.manual_seed(seed)
     text_encoder = clip_text_encoder(clip_tok, **clip)
@@ -149,10 +149,9 @@ class TextToImageModule(L.LightningModule):
         with torch.no_grad():
             x0 = encode_images(self.pipe.vae, pixels)  # the mode: the VAE was trained without sampling
         keep = torch.rand(b, generator=generator, device=self.device) >= hp.prompt_dropout
-        prompts = list(batch["prompt"])
-        t5_texts = [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
+        prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist(), strict=True)]
         t5, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=t5_texts, device=self.device, max_sequence_length=hp.max_sequence_length
+            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=hp.max_sequence_length
         )
         scale = self.pipe.vae_scale_factor
         img_ids = latent_ids(pixels.shape[-2] // scale, pixels.shape[-1] // scale, device=self.device)

@@ -3,17 +3,24 @@
 No model hub is reachable on CI machines, so tests, benchmarks and the embedded default run on this
 pipeline. Every component is the one FLUX.1-dev uses (FluxTransformer2DModel with guidance embedding,
 16-channel AutoencoderKL with 8x downsampling, CLIP + T5 encoders and their tokenizers,
-FlowMatchEulerDiscreteScheduler with dynamic shifting); only the sizes are tiny. The tokenizers are
-trained here on the bundled GenEval prompts plus a reflection vocabulary, so they are deterministic.
+FlowMatchEulerDiscreteScheduler with dynamic shifting); only the sizes are tiny. The tokenizers'
+vocabularies are the words of the bundled GenEval prompts plus a reflection vocabulary, built by rule, so two
+builds map text to the same ids.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import string
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+# Bumped when the same seed builds different files, so cached builds (model.path=tiny) are rebuilt.
+_BUILD_VERSION = 2
 
 # Words a reflection uses that GenEval prompts lack; they keep the tiny T5 vocabulary meaningful.
 REFLECTION_WORDS = (
@@ -28,39 +35,42 @@ def _corpus() -> list[str]:
     return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()] + [REFLECTION_WORDS]
 
 
-def train_tokenizers(corpus: list[str]):
-    """A byte-level BPE CLIP tokenizer and a Unigram T5 tokenizer, trained on `corpus` (deterministic)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _word_counts(corpus: list[str], lower: bool) -> list[tuple[str, int]]:
+    """Words of `corpus` by descending count, ties alphabetical: a pure function of the text."""
+    counts = Counter(word for line in corpus for word in (line.lower() if lower else line).split())
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def build_tokenizers(corpus: list[str]):
+    """A byte-level BPE CLIP tokenizer and a Unigram T5 tokenizer whose vocabularies are the words of
+    `corpus`: every corpus word is one token, any other text falls back to characters.
+
+    Built by rule, not by the `tokenizers` trainers (whose merges and scores vary run to run), so the
+    same corpus always gives the same token ids.
+    """
     from transformers import CLIPTokenizer, T5Tokenizer
 
-    clip = CLIPTokenizer()
-    clip.backend_tokenizer.train_from_iterator(
-        corpus,
-        trainer=trainers.BpeTrainer(
-            vocab_size=1000,
-            special_tokens=["<|startoftext|>", "<|endoftext|>"],
-            end_of_word_suffix="</w>",
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    bpe = json.loads(clip.backend_tokenizer.to_str())["model"]
-    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
-    clip = CLIPTokenizer(vocab=bpe["vocab"], merges=merges, model_max_length=77)
+    words = _word_counts(corpus, lower=True)  # CLIP lower-cases its input
+    byte_chars = sorted({c for word, _ in words for c in word} | set(string.ascii_lowercase + string.digits))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*byte_chars, *(c + "</w>" for c in byte_chars)]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word, _ in words:  # left-to-right merges spell each word, ending in its end-of-word token
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        for piece in pieces[1:]:
+            pair = (pieces[0], piece)
+            pieces[0] = pieces[0] + piece
+            if pieces[0] not in vocab:
+                vocab[pieces[0]] = len(vocab)
+                merges.append(pair)
+    clip = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
-    unigram = Tokenizer(models.Unigram())
-    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
-    unigram.train_from_iterator(
-        corpus,
-        trainer=trainers.UnigramTrainer(
-            vocab_size=600,
-            special_tokens=["<pad>", "</s>", "<unk>"],
-            unk_token="<unk>",
-            initial_alphabet=[chr(c) for c in range(32, 127)],
-            show_progress=False,
-        ),
-    )
-    pieces = [tuple(p) for p in json.loads(unigram.to_str())["model"]["vocab"]]
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    whole_words = [("\u2581" + word, math.log(count) - 1.0) for word, count in _word_counts(corpus, lower=False)]
+    characters = [(c, -20.0) for c in [" ", "\u2581", *(chr(c) for c in range(33, 127))]]
+    seen = {piece for piece, _ in whole_words}
+    pieces = specials + whole_words + [(c, score) for c, score in characters if c not in seen]
     t5 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
     return clip, t5
 
@@ -115,7 +125,7 @@ def tiny_flux_components(seed: int = 0) -> dict:
     """The components of a tiny FLUX.1-dev-architecture pipeline, randomly initialised from `seed`."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    clip_tok, t5_tok = train_tokenizers(_corpus())
+    clip_tok, t5_tok = build_tokenizers(_corpus())
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -174,10 +184,11 @@ def build_tiny_flux(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     marker = path / ".tiny_flux_seed"
-    if marker.is_file() and marker.read_text() == str(seed) and (path / "model_index.json").is_file():
+    stamp = f"{seed} build {_BUILD_VERSION}"
+    if marker.is_file() and marker.read_text() == stamp and (path / "model_index.json").is_file():
         return path
     pipe = FluxPipeline(**tiny_flux_components(seed))
     path.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(path, safe_serialization=True)
-    marker.write_text(str(seed))
+    marker.write_text(stamp)
     return path
