@@ -109,6 +109,9 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     """Search this job's prompts into `run_dir` and write its result file; returns the result."""
     started = time.perf_counter()
     search: SearchConfig = build(cfg.search, "search")
+    concurrency = cfg.concurrent_prompts
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise SetupError(f"concurrent_prompts must be a positive int, got {concurrency!r}")
     roles = {"verifier": True, "reflector": search.reflects, "refiner": search.refines}
     needed = [name for name, used in roles.items() if used]
     keyed = needed + (["checker"] if cfg.get("checker") is not None else [])
@@ -135,6 +138,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
             num_shards=num_shards,
             progress=cfg.progress,
             on_prompt=None if tracker is None else tracker.log_prompt,
+            concurrency=concurrency,
         )
         assessing = time.perf_counter()
         outcomes = assess(run_dir, mine, checker)

@@ -19,7 +19,15 @@ from reflectionflow.search.reflectors import DeterministicPromptRefiner, Determi
 from reflectionflow.search.verifiers import DeterministicVerifier
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-PRESET_SPLITS_AT_8 = {"noise": (8, 0), "noise_prompt": (2, 3), "reflectionflow": (2, 3), "zero_order": (2, 3)}
+PRESET_SPLITS_AT_8 = {
+    "noise": (8, 0),
+    "noise_prompt": (2, 3),
+    "reflectionflow": (2, 3),
+    "reflectionflow_no_reflection": (2, 3),
+    "reflectionflow_no_condition": (2, 3),
+    "reflectionflow_condition_only": (2, 3),
+    "zero_order": (2, 3),
+}
 
 
 @pytest.mark.parametrize(
@@ -72,6 +80,8 @@ def test_budget_replaces_width_and_depth_and_is_recorded():
         "survivors": None,
         "seed": 0,
         "min_cosine": 0.95,
+        "stop_score": None,
+        "corrector_input": "full",
     }
     with pytest.raises(ValueError, match="search.survivors=2 must be in"):
         SearchConfig(budget=2, budget_width=2, survivors=2)  # budget 2 -> width 1

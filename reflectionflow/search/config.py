@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 STRATEGIES = ("chains", "zero_order")
+CORRECTOR_INPUTS = ("full", "no_reflection", "no_condition", "condition_only")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class SearchConfig:
     budget: when set, `split_budget(budget, budget_width)` decides width and depth (replacing the given
     ones) so that every preset spends exactly `budget` images per prompt and presets compare at equal cost.
     budget_width: the preset's images per round under a budget (None = all of it in round 0, best-of-N).
+    stop_score: for exact verifiers: a prompt's search stops at the first image (in round, chain order)
+    whose score reaches it; a round's images are then made one chain after another so that no image
+    after the stopping one is spent. None = spend the whole budget.
+    corrector_input: what the corrector sees in reflection rounds (ablations): `full` (prompt + reflection
+    and the flawed image), `no_reflection` (T5 text = prompt alone), `no_condition` (a black condition
+    image, as the training's image drop), `condition_only` (empty T5 text: the flawed image alone).
     """
 
     width: int = 4
@@ -51,6 +58,8 @@ class SearchConfig:
     min_cosine: float = 0.95
     budget: int | None = None
     budget_width: int | None = None
+    stop_score: float | None = None
+    corrector_input: str = "full"
 
     def __post_init__(self) -> None:
         if isinstance(self.axes, Mapping):
@@ -63,6 +72,8 @@ class SearchConfig:
             raise ValueError(
                 f"search.width must be >= 1 and search.depth >= 0, got {self.width} x {self.depth}"
             )
+        if self.corrector_input not in CORRECTOR_INPUTS:
+            raise ValueError(f"search.corrector_input={self.corrector_input!r}; expected one of {CORRECTOR_INPUTS}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"search.strategy={self.strategy!r}; expected one of {STRATEGIES}")
         if self.survivors is not None and not 1 <= self.survivors <= self.width:

@@ -8,6 +8,12 @@ prompt, with a fresh noise (noise axis). The answer is the best image over all c
 Concurrency: generation runs in a worker thread; as soon as an image leaves its micro-batch the event
 loop verifies it, and, when every chain survives anyway, reflects and refines right after its score
 arrives. API calls of a round therefore overlap each other and the rest of the round's generation.
+Several prompts can be searched at once (`search` called concurrently, as the runner does with
+`concurrent_prompts`): their rounds then share generator calls through a `GenerationQueue`.
+
+Early stop (`search.stop_score`): the search ends at the first image whose score reaches the stop score;
+the rounds are made one chain at a time then, so that image is the first perfect one in (round, chain)
+order, which is exactly the one the full search would select (ties keep the first).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from reflectionflow.search.batching import GenerationQueue
 from reflectionflow.search.budget import Budget
 from reflectionflow.search.config import SearchConfig
 from reflectionflow.search.generator import GenerationRequest, GenerationResult, Generator
@@ -74,6 +81,7 @@ class PromptSearch:
     candidates: list[Candidate]
     best: Candidate
     budget: Budget
+    stopped: bool = False  # a candidate reached search.stop_score and the search ended there
 
 
 @dataclass
@@ -94,6 +102,20 @@ class _Slot:
     parent: Candidate | None
     advice: _Advice
     noise: torch.Tensor | None = None
+
+
+def corrector_inputs(
+    mode: str, prompt: str, reflection: str | None, condition: Image.Image
+) -> tuple[str, str | None, Image.Image]:
+    """(T5 prompt, reflection, condition image) a reflection round feeds the corrector under
+    `search.corrector_input` (the ablations of what the corrector uses; see `SearchConfig`)."""
+    if mode == "no_reflection":
+        return prompt, None, condition
+    if mode == "no_condition":
+        return prompt, reflection, Image.new("RGB", condition.size)
+    if mode == "condition_only":
+        return "", None, condition
+    return prompt, reflection, condition
 
 
 def assign_parents(ranks: Sequence[tuple[bool, float]], kept: int) -> list[int]:
@@ -125,17 +147,25 @@ class SearchEngine:
         self.config = config
         self.reflector = reflector
         self.refiner = refiner
+        self.queue = GenerationQueue(generator)
 
     async def search(self, item: PromptItem) -> PromptSearch:
         start = time.perf_counter()
         budget = Budget()
-        if self.config.strategy == "zero_order":
-            candidates = await self._zero_order(item, budget)
-        else:
-            candidates = await self._chains(item, budget)
+        self.queue.enter()
+        try:
+            if self.config.strategy == "zero_order":
+                candidates = await self._zero_order(item, budget)
+            else:
+                candidates = await self._chains(item, budget)
+        finally:
+            self.queue.leave()
         best = max(candidates, key=lambda c: c.score.rank)  # first of equals: earliest round, lowest chain
         budget.add_time("total", time.perf_counter() - start)
-        return PromptSearch(item, self.config, candidates, best, budget)
+        return PromptSearch(item, self.config, candidates, best, budget, self._reached_stop(best.score))
+
+    def _reached_stop(self, score: Score) -> bool:
+        return self.config.stop_score is not None and score.ok and score.value >= self.config.stop_score
 
     # --- strategies ------------------------------------------------------------------------------------
     async def _chains(self, item: PromptItem, budget: Budget) -> list[Candidate]:
@@ -147,7 +177,7 @@ class SearchEngine:
             advise_early = carries and round < cfg.depth and cfg.kept == cfg.width
             candidates, advice = await self._round(item, round, slots, budget, advise_early)
             everything += candidates
-            if round == cfg.depth:
+            if round == cfg.depth or self._reached_stop(candidates[-1].score):
                 break
             parents = assign_parents([c.score.rank for c in candidates], cfg.kept)
             if carries and not advise_early:
@@ -175,6 +205,8 @@ class SearchEngine:
         everything, _ = await self._round(item, 0, slots, budget, advise=False)
         pivot = max(everything, key=lambda c: c.score.rank)
         for round in range(1, cfg.depth + 1):
+            if self._reached_stop(everything[-1].score):
+                break
             slots = []
             for chain in range(cfg.width):
                 seed = self._seed(item, chain, round, stream="perturb")
@@ -194,19 +226,39 @@ class SearchEngine:
     async def _round(
         self, item: PromptItem, round: int, slots: list[_Slot], budget: Budget, advise: bool
     ) -> tuple[list[Candidate], dict[int, _Advice]]:
-        """Generate one image per slot; verify (and, if `advise`, reflect/refine) each as soon as it exists."""
-        cfg = self.config
-        requests = [
-            GenerationRequest(
-                prompt=slot.advice.prompt,
-                original_prompt=item.prompt,
-                seed=slot.seed,
-                noise=slot.noise,
-                condition=slot.parent.image if cfg.reflects and slot.parent is not None else None,
-                reflection=slot.advice.reflection,
+        """The round's candidates (all slots, or with a stop score up to the first that reaches it)."""
+        if self.config.stop_score is None:
+            return await self._make(item, round, slots, budget, advise)
+        candidates: list[Candidate] = []
+        advice: dict[int, _Advice] = {}
+        for slot in slots:
+            made, found = await self._make(item, round, [slot], budget, advise)
+            candidates += made
+            advice |= found
+            if self._reached_stop(made[0].score):
+                break
+        return candidates, advice
+
+    def _request(self, item: PromptItem, slot: _Slot) -> GenerationRequest:
+        prompt, reflection, condition = slot.advice.prompt, slot.advice.reflection, None
+        if self.config.reflects and slot.parent is not None:
+            prompt, reflection, condition = corrector_inputs(
+                self.config.corrector_input, prompt, reflection, slot.parent.image
             )
-            for slot in slots
-        ]
+        return GenerationRequest(
+            prompt=prompt,
+            original_prompt=item.prompt,
+            seed=slot.seed,
+            noise=slot.noise,
+            condition=condition,
+            reflection=reflection,
+        )
+
+    async def _make(
+        self, item: PromptItem, round: int, slots: list[_Slot], budget: Budget, advise: bool
+    ) -> tuple[list[Candidate], dict[int, _Advice]]:
+        """Generate one image per slot; verify (and, if `advise`, reflect/refine) each as soon as it exists."""
+        requests = [self._request(item, slot) for slot in slots]
         loop = asyncio.get_running_loop()
         tasks: dict[int, asyncio.Task] = {}
 
@@ -232,10 +284,8 @@ class SearchEngine:
 
         try:
             start = time.perf_counter()
-            results = await asyncio.to_thread(self.generator.generate, requests, on_result)
+            results = await self.queue.generate(requests, on_result)
             budget.add_time("generate", time.perf_counter() - start)
-            if len(results) != len(requests):
-                raise RuntimeError(f"generator returned {len(results)} images for {len(requests)} requests")
             for index, result in enumerate(results):  # generators may skip the callback
                 evaluate(index, result)
             budget.images += len(results)
@@ -255,6 +305,7 @@ class SearchEngine:
         [candidate.score] = await self.verifier.score([candidate.image], item.prompt, item.record)
         budget.add_time("verify", time.perf_counter() - start)
         budget.verifier.add(candidate.score.usage)
+        advise = advise and not self._reached_stop(candidate.score)  # the search ends with this image
         return candidate, (await self._advise(item, candidate, budget) if advise else None)
 
     async def _advise(self, item: PromptItem, candidate: Candidate, budget: Budget) -> _Advice:

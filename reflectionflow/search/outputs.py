@@ -98,6 +98,7 @@ class RunWriter:
             "selected": {"round": search.best.round, "chain": search.best.chain, "file": search.best.file},
             "score": search.best.score.value,
             "score_ok": search.best.score.ok,
+            "stopped": search.stopped,
             "candidates": [candidate.to_dict() for candidate in search.candidates],
             "budget": search.budget.to_dict(),
         }

@@ -7,13 +7,14 @@
     search                            the full search config (width/depth as resolved from a budget)
     shard                             {"index", "count"} of the prompt set this job searched
     prompts, mean_score, failed_selections
+    stopped                           prompts whose search ended early at search.stop_score
     accuracy, checked                 share of prompts a checker passed (null without a checker)
     tags                              the same per GenEval tag
     budget                            what was spent, as in summary.json: images, NFE, calls, attempts and
                                       tokens per role, seconds per stage; plus the job's own wall time in
                                       seconds.job_setup / job_search / job_assess / job_total
     per_prompt_budget                 images, NFE, calls and tokens per prompt (the scaling plot's x axes)
-    per_prompt                        index, tag, score, ok, correct: enough to merge shards unchanged
+    per_prompt                        index, tag, score, ok, correct, stopped: enough to merge shards unchanged
 
 Every wall time is under `budget.seconds`, so two runs of the same search differ only there.
 """
@@ -45,6 +46,7 @@ class PromptOutcome:
     score: float
     ok: bool
     correct: bool | None = None
+    stopped: bool = False
 
 
 def result_path(run_dir: str | os.PathLike, suffix: str = "") -> Path:
@@ -67,7 +69,8 @@ def assess(run_dir: Path, indices: Iterable[int], checker: Checker | None = None
             record = json.loads((folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()[0])
             with Image.open(folder / "samples" / "0000.png") as image:
                 correct = bool(checker.check(image.convert("RGB"), record))
-        outcomes.append(PromptOutcome(index, search["tag"], search["score"], search["score_ok"], correct))
+        stopped = search.get("stopped", False)
+        outcomes.append(PromptOutcome(index, search["tag"], search["score"], search["score_ok"], correct, stopped))
     return outcomes
 
 
@@ -131,6 +134,7 @@ def job_result(
         "shard": dict(shard),
         **_scores(outcomes),
         "failed_selections": sum(1 for o in outcomes if not o.ok),
+        "stopped": sum(1 for o in outcomes if o.stopped),
         "tags": {tag: _scores(members) for tag, members in sorted(tags.items())},
         "budget": spent,
         "per_prompt_budget": per_prompt_budget(budget, len(outcomes)),

@@ -7,6 +7,7 @@ the exact requirements from `meta` instead of parsing the prompt text.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,17 +52,21 @@ class ShapesChecker:
 
 
 class ShapesReflector:
-    """The rule-based reflector: imperative edits from the detected vs the specified scene."""
+    """The rule-based reflector: imperative edits from the detected vs the specified scene.
+
+    Where an added object goes is drawn from a generator seeded by (seed, prompt, image), so a reflection
+    does not depend on which prompts were reflected on before (resumed, concurrent or stopped searches).
+    """
 
     def __init__(self, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
     async def reflect(
         self, image: Image.Image, prompt: str, evaluation: Score, meta: Mapping[str, Any]
     ) -> TextAnswer:
-        return TextAnswer(
-            reflect(check_image(image, _spec(meta)), self.rng), usage=Usage(calls=1, attempts=1)
-        )
+        digest = hashlib.blake2b(f"{self.seed}\0{prompt}\0".encode() + image.tobytes(), digest_size=8)
+        rng = np.random.default_rng(int.from_bytes(digest.digest(), "little"))
+        return TextAnswer(reflect(check_image(image, _spec(meta)), rng), usage=Usage(calls=1, attempts=1))
 
 
 class ShapesPromptRefiner:
