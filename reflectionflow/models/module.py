@@ -54,6 +54,7 @@ class ReflectionTuningModule(L.LightningModule):
         timestep_mean: float = 0.0,
         timestep_std: float = 1.0,
         max_sequence_length: int = 512,
+        sample_latents: bool = True,
         gradient_checkpointing: bool = False,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
@@ -111,10 +112,13 @@ class ReflectionTuningModule(L.LightningModule):
 
     @torch.no_grad()
     def encode_batch(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Frozen encoders: target/condition latents and the (pooled CLIP, T5) text embeddings."""
-        vae = self.pipe.vae
-        target = encode_images(vae, batch["image"].to(self.device), generator=generator, sample=True)
-        condition = encode_images(vae, batch["condition"].to(self.device), generator=generator, sample=True)
+        """Frozen encoders: target/condition latents and the (pooled CLIP, T5) text embeddings.
+
+        Latents are VAE samples (FLUX's VAE), or the posterior mode with `sample_latents=False` for a VAE
+        trained without sampling (the shapes VAE: its posterior std is ~1, noise as large as the signal)."""
+        vae, sample = self.pipe.vae, self.hparams.sample_latents
+        target = encode_images(vae, batch["image"].to(self.device), generator=generator, sample=sample)
+        condition = encode_images(vae, batch["condition"].to(self.device), generator=generator, sample=sample)
         t5, pooled, _ = self.pipe.encode_prompt(
             prompt=list(batch["prompt"]), prompt_2=list(batch["t5_text"]), device=self.device,
             max_sequence_length=self.hparams.max_sequence_length,
