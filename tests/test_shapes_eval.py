@@ -1,5 +1,6 @@
-"""The shapes evaluation through the real CLI: `experiment=shapes` runs the budget-matched presets with the
-exact checker and writes per-job results, the scaling table and the plot (tiny budgets, untrained model)."""
+"""The shapes evaluation through the real CLI: `experiment=shapes` runs the budget-matched presets (noise,
+reflection search and an ablation of the corrector's input) with the exact checker and writes per-job
+results, the scaling table and the plot (tiny budgets, untrained model and LoRA)."""
 
 import csv
 import json
@@ -39,6 +40,20 @@ def shapes_flux(tmp_path_factory):
     return root / "pipe"
 
 
+@pytest.fixture(scope="module")
+def shapes_lora(shapes_flux, tmp_path_factory):
+    """A random rank-2 corrector LoRA for `shapes_flux` (diffusers format), standing in for the recipe's."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from reflectionflow.models.lora import add_lora, save_lora
+
+    transformer = FluxTransformer2DModel.from_pretrained(shapes_flux / "transformer")
+    torch.manual_seed(0)
+    add_lora(transformer, rank=2, init=False)  # init=False: random B too, so the adapter changes the output
+    return save_lora(transformer, tmp_path_factory.mktemp("lora") / "lora")
+
+
 def test_backends_judge_a_correct_render_correct():
     import asyncio
 
@@ -56,7 +71,7 @@ def test_backends_judge_a_correct_render_correct():
     assert ShapesChecker().check(image, {**item.record, "prompt": item.prompt})
 
 
-def test_shapes_experiment_writes_results_table_and_plot(tmp_path, shapes_flux):
+def test_shapes_experiment_writes_results_table_and_plot(tmp_path, shapes_flux, shapes_lora):
     env = dict(os.environ, OMP_NUM_THREADS="1", REFLECTIONFLOW_CACHE=str(tmp_path / "cache"))
     cmd = [
         sys.executable,
@@ -64,20 +79,31 @@ def test_shapes_experiment_writes_results_table_and_plot(tmp_path, shapes_flux):
         "reflectionflow.infer",
         "experiment=shapes",
         f"model.path={shapes_flux}",
+        f"model.lora_path={shapes_lora}",
         "prompts.n_per_category=1",
         "generator.num_inference_steps=2",
         "progress=false",
+        "search=noise,reflectionflow,reflectionflow_no_condition",
         "search.budget=1,2",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = sorted((tmp_path / "sweep").glob("*/result.json"))
-    assert len(results) == 4  # noise, noise_prompt x budgets 1, 2
+    assert len(results) == 6  # 3 presets x budgets 1, 2
+    presets = set()
     for path in results:
         job = json.loads(path.read_text())
+        presets.add(job["preset"])
         assert job["prompts"] == 6 and job["checked"] == 6 and 0.0 <= job["accuracy"] <= 1.0
-        assert job["per_prompt_budget"]["images"] == job["search_budget"]
+        assert job["search"]["stop_score"] == 1.0
+        images = sum(json.loads(p.read_text())["budget"]["images"] for p in path.parent.glob("*/search.json"))
+        assert images == job["budget"]["images"] <= 6 * job["search_budget"]  # the stop spends at most the budget
+        if job["stopped"] == 0:
+            assert job["per_prompt_budget"]["images"] == job["search_budget"]
+        if job["preset"] != "noise" and job["search_budget"] == 2:  # a reflection for each corrected image
+            assert job["budget"]["reflector"]["calls"] == images - 6 > 0
+    assert presets == {"noise", "reflectionflow", "reflectionflow_no_condition"}
     rows = list(csv.DictReader((tmp_path / "sweep" / "scaling.csv").open()))
-    assert len(rows) == 4
+    assert len(rows) == 6
     assert (tmp_path / "sweep" / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,6 +8,7 @@ the exact requirements from `meta` instead of parsing the prompt text.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ from reflectionflow.search.budget import Usage
 from reflectionflow.search.prompts import PromptItem
 from reflectionflow.search.reflectors import TextAnswer
 from reflectionflow.search.verifiers import Score
+
+log = logging.getLogger(__name__)
 
 
 def shapes_prompts(n_per_category: int = 64, seed: int = 0) -> list[PromptItem]:
@@ -66,7 +69,13 @@ class ShapesReflector:
     ) -> TextAnswer:
         digest = hashlib.blake2b(f"{self.seed}\0{prompt}\0".encode() + image.tobytes(), digest_size=8)
         rng = np.random.default_rng(int.from_bytes(digest.digest(), "little"))
-        return TextAnswer(reflect(check_image(image, _spec(meta)), rng), usage=Usage(calls=1, attempts=1))
+        try:
+            text = reflect(check_image(image, _spec(meta)), rng)
+        except ValueError as err:  # an edit plan the rule-based reflector cannot name: a failed reflection
+            log.warning("shapes reflector failed on %r: %r", prompt, err)
+            error = f"{type(err).__name__}: {err}"
+            return TextAnswer(None, ok=False, error=error, usage=Usage(calls=1, attempts=1, failures=1))
+        return TextAnswer(text, usage=Usage(calls=1, attempts=1))
 
 
 class ShapesPromptRefiner:
