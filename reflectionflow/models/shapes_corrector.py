@@ -17,6 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reflectionflow.data.shapes import (
+    check_image,
+    heldout_eval_set,
+    make_flawed,
+    make_triplet,
+    render_scene,
+    sample_scene,
+)
 from reflectionflow.models.lora import save_lora
 from reflectionflow.models.module import ReflectionTuningModule
 
@@ -30,8 +38,6 @@ and the pooled prompt alone, as the training text drop)."""
 
 def heldout_flawed_cases(n_per_category: int, image_size: int, seed: int) -> list:
     """One flawed render with its reflection (a `Triplet`) per held-out evaluation prompt."""
-    from reflectionflow.data.shapes import heldout_eval_set, make_flawed, make_triplet, render_scene, sample_scene
-
     rng = np.random.default_rng([seed, 3])
     cases = []
     for spec in heldout_eval_set(n_per_category, seed):
@@ -57,8 +63,6 @@ def corrector_fix_rates(
     pipe, cases: list, *, image_size: int, num_inference_steps: int, true_cfg_scale: float, seed: int
 ) -> dict[str, dict[str, Any]]:
     """Checker pass rate of the corrections of `cases` under each input of `ABLATIONS` (same noises)."""
-    from reflectionflow.data.shapes import check_image
-
     size = image_size
     prompts = [c.prompt for c in cases]
     flawed = [c.bad for c in cases]
@@ -135,8 +139,6 @@ class ShapesCorrectorModule(ReflectionTuningModule):
             pipe, cases, image_size=hp.image_size, num_inference_steps=hp.eval_steps,
             true_cfg_scale=hp.eval_true_cfg_scale, seed=hp.seed,
         )
-        from reflectionflow.data.shapes import check_image
-
         metrics["already_correct"] = float(np.mean([check_image(c.bad, c.meta["spec"]).correct for c in cases]))
         metrics["base_model"] = sample_accuracy(
             self.pipe, hp.eval_per_category, hp.image_size, hp.eval_steps, hp.eval_true_cfg_scale,
