@@ -1,40 +1,59 @@
-"""Wall time of one prompt's reflection search (width 4, depth 3) against a loopback verifier/reflector
-with 0.3 s latency per call: the engine (concurrent calls, overlapped with generation) vs the same calls
-made one after another. Goal: engine <= 0.5x of sequential.
+"""Two search benchmarks, each timing both sides in the same run and printing the ratio.
 
-    python benchmarks/search.py [--latency 0.3] [--generator deterministic|tiny_flux]
+`--case api` (default): wall time of one prompt's reflection search (width 4, depth 3) against a loopback
+verifier/reflector with 0.3 s latency per call: the engine (concurrent calls, overlapped with generation)
+vs the same calls made one after another. Goal: engine <= 0.5x of sequential.
+
+`--case cross_prompt`: reflection search (width 2, depth 3) over `--prompts` prompts with local backends
+(a smooth brightness score, deterministic reflector and refiner) on the generator: `--concurrency` prompts
+at once (their rounds share micro-batches) vs one prompt at a time; checks that both give the same
+selections (batched FLUX differs from unbatched only by float rounding).
+
+    python benchmarks/search.py [--case api|cross_prompt] [--latency 0.3] [--generator deterministic|tiny_flux]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 os.environ.setdefault("BENCH_API_KEY", "sk-loopback")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers.chat_server import ScriptedChatServer  # noqa: E402
 
+from reflectionflow.search.budget import Usage  # noqa: E402
 from reflectionflow.search.chat import OpenAIChat  # noqa: E402
 from reflectionflow.search.config import Axes, SearchConfig  # noqa: E402
 from reflectionflow.search.engine import SearchEngine  # noqa: E402
 from reflectionflow.search.generator import DeterministicGenerator, FluxGenerator, GenerationRequest  # noqa: E402
 from reflectionflow.search.noise import derive_seed  # noqa: E402
 from reflectionflow.search.prompts import geneval_prompts  # noqa: E402
-from reflectionflow.search.reflectors import OpenAIReflector  # noqa: E402
-from reflectionflow.search.verifiers import OpenAIVerifier  # noqa: E402
+from reflectionflow.search.reflectors import (  # noqa: E402
+    DeterministicPromptRefiner,
+    DeterministicReflector,
+    OpenAIReflector,
+)
+from reflectionflow.search.runner import run_search  # noqa: E402
+from reflectionflow.search.verifiers import OpenAIVerifier, Score  # noqa: E402
 
 
-def make_generator(kind: str):
+def make_generator(kind: str, micro_batch: int = 4):
     if kind == "tiny_flux":
         return FluxGenerator(
-            "tiny", height=128, width=128, num_inference_steps=8, condition_size=64, micro_batch=4
+            "tiny", height=128, width=128, num_inference_steps=8, condition_size=64, micro_batch=micro_batch
         )
-    return DeterministicGenerator(size=256, num_inference_steps=28, micro_batch=2, seconds_per_image=0.05)
+    return DeterministicGenerator(
+        size=256, num_inference_steps=28, micro_batch=micro_batch, seconds_per_image=0.05
+    )
 
 
 async def sequential(generator, verifier, reflector, item, config: SearchConfig) -> tuple[float, int]:
@@ -66,6 +85,43 @@ async def sequential(generator, verifier, reflector, item, config: SearchConfig)
                 conditions[chain] = image
                 calls += 1
     return best, calls
+
+
+class BrightnessVerifier:
+    """Mean brightness: a score that float rounding cannot reorder the way a hash score would."""
+
+    async def score(self, images, prompt, meta):
+        values = [float(np.asarray(image, dtype=np.float64).mean() / 255) for image in images]
+        return [Score(value, usage=Usage(calls=1, attempts=1)) for value in values]
+
+
+def cross_prompt(args: argparse.Namespace) -> None:
+    config = SearchConfig(width=2, depth=3, axes=Axes(noise=True, prompt=True, reflection=True))
+    items = geneval_prompts()[: args.prompts]
+    generator = make_generator(args.generator, micro_batch=2 * args.concurrency)
+    engine = SearchEngine(
+        generator, BrightnessVerifier(), config, DeterministicReflector(), DeterministicPromptRefiner()
+    )
+    with tempfile.TemporaryDirectory() as root:
+        run_search(engine, items[:2], Path(root) / "warm-up", progress=False, concurrency=2)
+        seconds, selected = {}, {}
+        for concurrency in (args.concurrency, 1):
+            run_dir = Path(root) / f"c{concurrency}"
+            start = time.perf_counter()
+            run_search(engine, items, run_dir, progress=False, concurrency=concurrency)
+            seconds[concurrency] = time.perf_counter() - start
+            selected[concurrency] = [
+                json.loads(path.read_text())["selected"] for path in sorted(run_dir.glob("*/search.json"))
+            ]
+    images = len(items) * 8
+    same = "same selections" if selected[1] == selected[args.concurrency] else "DIFFERENT selections"
+    print(f"{len(items)} prompts x reflection search width 2, depth 3 ({images} images); generator {args.generator}")
+    for concurrency in (args.concurrency, 1):
+        print(
+            f"concurrent_prompts={concurrency:<3d} {seconds[concurrency]:7.2f} s  "
+            f"({seconds[concurrency] / images * 1000:6.1f} ms per image)"
+        )
+    print(f"ratio {seconds[args.concurrency] / seconds[1]:.2f}x ({same})")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -106,5 +162,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.3)
     parser.add_argument("--generator", choices=("deterministic", "tiny_flux"), default="deterministic")
-    parser.add_argument("--prompt", type=int, default=400, help="index into GenEval's prompts")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--prompt", type=int, default=400, help="index into GenEval's prompts (api)")
+    parser.add_argument("--case", choices=("api", "cross_prompt"), default="api")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts searched (cross_prompt)")
+    parser.add_argument("--concurrency", type=int, default=16, help="prompts at once (cross_prompt)")
+    args = parser.parse_args()
+    if args.case == "cross_prompt":
+        cross_prompt(args)
+    else:
+        asyncio.run(main(args))
