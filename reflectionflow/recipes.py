@@ -2,7 +2,7 @@
 unchanged, and recipes that depend on each other through the `${rf.recipe:<experiment>}` resolver.
 
 An experiment with a `recipe: <name>` key writes its product (the module's `export(dir)`) to
-`<cache_dir>/recipes/<name>-<hash of model/data/trainer/seed config>/`; a second run with the same config
+`<cache_dir>/recipes/<name>-<hash of model/data/trainer/callbacks/seed config>/`; a second run with the same config
 finds it there and trains nothing. `${rf.recipe:shapes_vae}` in a config resolves to the product of
 `python -m reflectionflow.train experiment=shapes_vae`, running it first (in a child process, with its own
 progress bar) if it is not cached, so `python -m reflectionflow.infer experiment=shapes` chains every
@@ -38,11 +38,11 @@ def product_dir(cfg: DictConfig) -> Path | None:
     name = cfg.get("recipe")
     if not name:
         return None
-    keyed = {
+    keyed = {  # everything that shapes the weights, callbacks included (weight averaging)
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "max_steps": cfg.trainer.get("max_steps"),
-        "batches": cfg.trainer.get("accumulate_grad_batches"),
+        "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
+        "callbacks": OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True),
         "seed": cfg.get("seed"),
     }
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
