@@ -101,6 +101,9 @@ def triplet_stats(triplets: list[Triplet], model_counts: Counter, model_samples:
 class ShapesTripletsDataModule(GenRefDataModule):
     """`GenRefDataModule` over cached shapes triplet shards, built on first use (`check`, `setup`).
 
+    Under DDP every rank builds into its own temporary directory and the first rename wins (the recipe is
+    meant for one CPU process; a cached build is read by all ranks).
+
     Args beyond GenRefDataModule's (whose `shards` this sets):
         base_path: the base model's product directory (its samples are flawed images; part of the cache key).
         model_samples: base-model samples drawn (incorrect ones become triplets).
@@ -134,7 +137,7 @@ class ShapesTripletsDataModule(GenRefDataModule):
         if not 0.0 <= editing_fraction <= 1.0:
             raise ValueError(f"data.editing_fraction must be in [0, 1], got {editing_fraction}")
         self.base_path = str(base_path)
-        self.recipe = {
+        self.build_config = {
             "version": FORMAT_VERSION,
             "base_path": self.base_path,
             "model_samples": int(model_samples),
@@ -143,12 +146,12 @@ class ShapesTripletsDataModule(GenRefDataModule):
             "sample_steps": int(sample_steps),
             "sample_true_cfg_scale": float(sample_true_cfg_scale),
             "sample_max_sequence_length": int(sample_max_sequence_length),
+            "sample_batch": int(sample_batch),  # the batch size orders the random draws
             "image_size": int(image_size),
             "samples_per_shard": int(samples_per_shard),
             "seed": int(seed),
         }
-        self.sample_batch = int(sample_batch)
-        self.directory = triplets_dir(self.recipe)
+        self.directory = triplets_dir(self.build_config)
         super().__init__(shards=str(self.directory / SHARD_NAME.replace("%06d", "*")), seed=seed, **genref)
 
     def check(self) -> list[str]:
@@ -159,7 +162,7 @@ class ShapesTripletsDataModule(GenRefDataModule):
         """The shard directory, written now unless a previous run completed it."""
         if (self.directory / "stats.json").is_file():
             return self.directory
-        r = self.recipe
+        r = self.build_config
         log.info("building shapes triplets into %s", self.directory)
         model_triplets, counts = [], Counter()
         if r["model_samples"]:
@@ -167,7 +170,7 @@ class ShapesTripletsDataModule(GenRefDataModule):
                 self.base_path, r["model_samples"], seed=r["seed"], image_size=r["image_size"],
                 editing_fraction=r["editing_fraction"], num_inference_steps=r["sample_steps"],
                 true_cfg_scale=r["sample_true_cfg_scale"], max_sequence_length=r["sample_max_sequence_length"],
-                batch_size=self.sample_batch,
+                batch_size=r["sample_batch"],
             )
         rendered = list(rendered_triplets(r["rendered"], seed=r["seed"], size=r["image_size"],
                                           editing_fraction=r["editing_fraction"], split="train"))
@@ -192,8 +195,8 @@ class ShapesTripletsDataModule(GenRefDataModule):
         return json.loads((self.build() / "stats.json").read_text())
 
 
-def triplets_dir(recipe: dict[str, Any]) -> Path:
+def triplets_dir(build_config: dict[str, Any]) -> Path:
     from reflectionflow.models.loading import cache_dir
 
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(build_config, sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir() / "recipes" / f"shapes_triplets-{digest}"
