@@ -76,9 +76,8 @@ def corrector_fix_rates(
     noises = torch.stack([pipe.initial_noise(seed + i, size, size) for i in range(len(cases))])
     results = {}
     for name in ABLATIONS:
-        kwargs = inputs[name]
-        images = pipe.generate(kwargs.pop("prompts"), noises=noises, height=size, width=size,
-                               num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale, **kwargs)
+        images = pipe.generate(noises=noises, height=size, width=size, num_inference_steps=num_inference_steps,
+                               true_cfg_scale=true_cfg_scale, **inputs[name])
         correct: dict[str, list[bool]] = {}
         for case, image in zip(cases, images, strict=True):
             spec = case.meta["spec"]
