@@ -169,9 +169,17 @@ def best_per_budget(points: Sequence[tuple[float, float]]) -> list[tuple[float, 
     return sorted(best.items())
 
 
+def _x(row: JobRow, key: str) -> float:
+    return row.budget if key == "images" and row.budget is not None else getattr(row, key)
+
+
 def plot_scaling(rows: Sequence[JobRow]) -> Figure:
     """Score (and accuracy, when any job has it) vs images and vs NFE per prompt: a dot per job, a line
-    per preset through its best job at each budget. A bare `Figure`: no pyplot state, no GUI backend."""
+    per preset through its best job at each budget. A bare `Figure`: no pyplot state, no GUI backend.
+
+    The images axis is the job's `search.budget` when it has one (a search stopped early at
+    `search.stop_score` selects what its full budget would, so it belongs at that budget); the NFE axis
+    is what the jobs actually spent."""
     metrics = ["mean_score"] + (["accuracy"] if any(r.accuracy is not None for r in rows) else [])
     width, height = PANEL_INCHES
     figure = Figure(figsize=(2 * width, len(metrics) * height), dpi=DPI, layout="constrained")
@@ -183,15 +191,13 @@ def plot_scaling(rows: Sequence[JobRow]) -> Figure:
             ax = axes[row_index][column]
             for series_index, (series, members) in enumerate(_series(rows).items()):
                 color = f"C{series_index % 10}"
-                points = [
-                    (getattr(r, x_key), getattr(r, metric)) for r in members if getattr(r, metric) is not None
-                ]
+                points = [(_x(r, x_key), getattr(r, metric)) for r in members if getattr(r, metric) is not None]
                 if not points:
                     continue
                 ax.scatter(*zip(*points, strict=True), color=color, alpha=0.35, s=18)
                 ax.plot(*zip(*best_per_budget(points), strict=True), color=color, marker="o", label=series)
             ax.set_xscale("log", base=2)
-            ticks = sorted({getattr(r, x_key) for r in rows})
+            ticks = sorted({_x(r, x_key) for r in rows})
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()
             ax.set_xlabel(x_label)

@@ -29,7 +29,11 @@ class _Call:
 
 
 class GenerationQueue:
-    """Merges the `generate` calls of the searches in flight (`enter`/`leave` count them) into one call."""
+    """Merges the `generate` calls of the searches in flight into one call.
+
+    The caller counts the searches in flight with `enter` (before the search starts, so its first round
+    is waited for) and `leave` (when it ends); with none registered every call goes through at once.
+    """
 
     def __init__(self, generator: Generator):
         self.generator = generator

@@ -9,7 +9,8 @@ Concurrency: generation runs in a worker thread; as soon as an image leaves its 
 loop verifies it, and, when every chain survives anyway, reflects and refines right after its score
 arrives. API calls of a round therefore overlap each other and the rest of the round's generation.
 Several prompts can be searched at once (`search` called concurrently, as the runner does with
-`concurrent_prompts`): their rounds then share generator calls through a `GenerationQueue`.
+`concurrent_prompts`): their rounds then share generator calls through the engine's `GenerationQueue`
+(the caller registers the searches in flight with `queue.enter()` / `queue.leave()`).
 
 Early stop (`search.stop_score`): the search ends at the first image whose score reaches the stop score;
 the rounds are made one chain at a time then, so that image is the first perfect one in (round, chain)
@@ -152,14 +153,10 @@ class SearchEngine:
     async def search(self, item: PromptItem) -> PromptSearch:
         start = time.perf_counter()
         budget = Budget()
-        self.queue.enter()
-        try:
-            if self.config.strategy == "zero_order":
-                candidates = await self._zero_order(item, budget)
-            else:
-                candidates = await self._chains(item, budget)
-        finally:
-            self.queue.leave()
+        if self.config.strategy == "zero_order":
+            candidates = await self._zero_order(item, budget)
+        else:
+            candidates = await self._chains(item, budget)
         best = max(candidates, key=lambda c: c.score.rank)  # first of equals: earliest round, lowest chain
         budget.add_time("total", time.perf_counter() - start)
         return PromptSearch(item, self.config, candidates, best, budget, self._reached_stop(best.score))

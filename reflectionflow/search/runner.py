@@ -53,7 +53,10 @@ async def search_concurrently(
     try:
         while True:
             while len(running) < concurrency and (item := next(waiting, None)) is not None:
-                running.add(asyncio.create_task(engine.search(item)))
+                engine.queue.enter()  # before the task runs, so the queue waits for its first round too
+                task = asyncio.create_task(engine.search(item))
+                task.add_done_callback(lambda _: engine.queue.leave())
+                running.add(task)
             if not running:
                 return
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
