@@ -128,3 +128,16 @@ def test_move_makes_room_when_the_anchor_is_at_the_edge():
     result = check_scene(scene, spec)
     assert reflect(result) == "Move the red circle to the left of the blue square."
     assert check_scene(apply_reflection(scene, reflect(result)), spec).correct
+
+
+def test_an_extra_indistinguishable_from_a_kept_object_is_removed_in_its_place():
+    """Two unrecognised red blobs in one cell: one stands for a square, the other is extra. 'Remove the red
+    shape at the top' can only name the first; the reflection must still remove one and reshape the other."""
+    spec = PromptSpec("counting", (ObjectRequirement("square", count=4),))
+    squares = [ShapeObject("square", "red", x, y, 0.24) for x, y in ((1 / 6, 0.5), (0.5, 0.5), (5 / 6, 0.5))]
+    blobs = [ShapeObject(None, "red", 0.45, 1 / 6, 0.2), ShapeObject(None, "red", 0.55, 1 / 6, 0.2)]
+    scene = Scene((*blobs[:1], *squares, *blobs[1:]))
+    result = check_scene(scene, spec)
+    assert {p.kind for p in result.problems} == {"wrong_shape", "extra"}
+    fixed = apply_reflection(scene, reflect(result))
+    assert check_scene(fixed, spec).correct

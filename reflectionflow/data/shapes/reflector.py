@@ -54,6 +54,14 @@ class _Plan:
         self.scene = apply_edit(self.scene, edit)
         self.edits.append(edit)
 
+    def remove(self, obj_id: int, ref: ObjectRef) -> None:
+        """Remove `obj_id` by `ref`. When `ref` also fits an earlier object (an indistinguishable twin, or
+        any instance of an interchangeable shape), that one goes, so the two swap ids first: the survivor
+        keeps the twin's identity and requirement."""
+        first, own = matches(self.scene, ref)[0], self.ids.index(obj_id)
+        self.ids[first], self.ids[own] = self.ids[own], self.ids[first]
+        self.do(Remove(ref))
+
     def name(self, obj_id: int) -> ObjectRef:
         """'the red circle', or 'the red circle on the left' when there are several red circles."""
         index = self.ids.index(obj_id)
@@ -82,13 +90,9 @@ def _remove_extras(plan: _Plan, result: CheckResult) -> None:
         shape = plan.scene.objects[plan.ids.index(problem.obj)].shape
         same_shape = {plan.ids[k] for k, obj in enumerate(plan.scene.objects) if obj.shape == shape}
         if shape in plain and not to_change & same_shape:
-            any_one = ObjectRef(shape, any_one=True)
-            removed = plan.ids[matches(plan.scene, any_one)[0]]
-            plan.do(Remove(any_one))
-            if removed in plan.owner:  # another instance went; this one takes its place
-                plan.owner[problem.obj] = plan.owner.pop(removed)
+            plan.remove(problem.obj, ObjectRef(shape, any_one=True))
         else:
-            plan.do(Remove(plan.name(problem.obj)))
+            plan.remove(problem.obj, plan.name(problem.obj))
 
 
 def _change_attributes(plan: _Plan, result: CheckResult) -> None:
