@@ -125,6 +125,21 @@ def test_correction_uses_image_and_reflection(flux, attention):
     assert np.abs(a - b).max() > 1e-4 and np.abs(a - c).max() > 1e-4
 
 
+def test_corrector_requests_use_their_own_t5_length(flux):
+    """A corrector trained with longer T5 texts than the base model: each sees its own padding length."""
+    _random_lora(flux.transformer, 4, 4)
+    kwargs = dict(height=64, width=64, num_inference_steps=2, output_type="np")
+    short, long = (ReflectionFluxPipeline(flux, condition_size=32, max_sequence_length=n) for n in (16, 48))
+    mixed = ReflectionFluxPipeline(flux, condition_size=32, max_sequence_length=16, corrector_max_sequence_length=48)
+    base = short(PROMPT, height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0))[0]
+    np.testing.assert_allclose(mixed(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs),
+                               short(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs), atol=1e-6)
+    correct = dict(image=base, reflection="make it blue", **kwargs)
+    expected = long(PROMPT, generator=torch.Generator().manual_seed(1), **correct)
+    np.testing.assert_allclose(mixed(PROMPT, generator=torch.Generator().manual_seed(1), **correct), expected, atol=1e-6)
+    assert np.abs(short(PROMPT, generator=torch.Generator().manual_seed(1), **correct) - expected).max() > 1e-4
+
+
 def test_batched_chains_equal_one_by_one_and_share_caches(flux):
     _random_lora(flux.transformer, 4, 4)
     pipe = ReflectionFluxPipeline(flux, attention="causal", condition_size=32, micro_batch=2)

@@ -77,6 +77,7 @@ class ReflectionFluxPipeline:
         lora_on_target: bool = False,
         condition_size: int = 512,
         max_sequence_length: int = 512,
+        corrector_max_sequence_length: int | None = None,
         micro_batch: int = 8,
         text_cache_size: int = 4096,
     ):
@@ -92,8 +93,11 @@ class ReflectionFluxPipeline:
         self.lora_on_target = lora_on_target
         self.condition_size = condition_size
         self.max_sequence_length = max_sequence_length
+        # T5 length of corrector requests (prompt + reflection), when the corrector was trained with a
+        # longer one than the base model; FLUX masks no padding, so each must see its training length.
+        self.corrector_max_sequence_length = corrector_max_sequence_length or max_sequence_length
         self.micro_batch = micro_batch
-        self._text_cache: OrderedDict[tuple[str, str], TextEmbedding] = OrderedDict()
+        self._text_cache: OrderedDict[tuple[str, str, int], TextEmbedding] = OrderedDict()
         self._text_cache_size = text_cache_size
 
     @classmethod
@@ -133,16 +137,19 @@ class ReflectionFluxPipeline:
         return num_inference_steps * (2 if true_cfg_scale > 1 else 1)
 
     @torch.no_grad()
-    def encode_text(self, clip_texts: list[str], t5_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, D) T5 and (B, P) pooled CLIP embeddings, memoised per (CLIP text, T5 text)."""
-        keys = list(zip(clip_texts, t5_texts, strict=True))
+    def encode_text(
+        self, clip_texts: list[str], t5_texts: list[str], max_sequence_length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) T5 and (B, P) pooled CLIP embeddings, memoised per (CLIP text, T5 text, length)."""
+        length = max_sequence_length or self.max_sequence_length
+        keys = [(clip, t5, length) for clip, t5 in zip(clip_texts, t5_texts, strict=True)]
         missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
         if missing:
             t5, pooled, _ = self.flux.encode_prompt(
                 prompt=[k[0] for k in missing],
                 prompt_2=[k[1] for k in missing],
                 device=self.device,
-                max_sequence_length=self.max_sequence_length,
+                max_sequence_length=length,
             )
             for i, key in enumerate(missing):
                 self._text_cache[key] = TextEmbedding(t5[i], pooled[i])
@@ -221,12 +228,13 @@ class ReflectionFluxPipeline:
             t5_texts = [t5_text(p, r) for p, r in zip(prompts, reflections, strict=True)]
         else:
             clip_texts = t5_texts = list(prompts)
-        t5, pooled = self.encode_text(clip_texts, t5_texts)
+        length = self.corrector_max_sequence_length if corrector else self.max_sequence_length
+        t5, pooled = self.encode_text(clip_texts, t5_texts, length)
         cfg = true_cfg_scale > 1
         if cfg:
             # Unconditional branch. Corrector: empty T5 text, same pooled prompt and condition (its training
             # text drop). Base model: empty text for both encoders (FluxPipeline's negative_prompt="").
-            neg_t5, neg_pooled = self.encode_text([""] * batch if not corrector else clip_texts, [""] * batch)
+            neg_t5, neg_pooled = self.encode_text([""] * batch if not corrector else clip_texts, [""] * batch, length)
             t5, pooled = torch.cat([t5, neg_t5]), torch.cat([pooled, pooled if corrector else neg_pooled])
         rows = 2 * batch if cfg else batch
 

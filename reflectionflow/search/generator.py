@@ -135,6 +135,7 @@ class FluxGenerator:
         condition_size: int = 512,
         micro_batch: int = 4,
         max_sequence_length: int = 512,
+        corrector_max_sequence_length: int | None = None,
     ):
         from reflectionflow.models.pipeline import ReflectionFluxPipeline
 
@@ -155,6 +156,7 @@ class FluxGenerator:
             condition_size=condition_size,
             micro_batch=micro_batch,
             max_sequence_length=max_sequence_length,
+            corrector_max_sequence_length=corrector_max_sequence_length,
         )
         self.height, self.width = height, width
         self.num_inference_steps = num_inference_steps
