@@ -19,6 +19,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
 from omegaconf import DictConfig
 
 from reflectionflow.search.errors import SetupError
@@ -196,9 +197,9 @@ def plot_scaling(rows: Sequence[JobRow]) -> Figure:
                     continue
                 ax.scatter(*zip(*points, strict=True), color=color, alpha=0.35, s=18)
                 ax.plot(*zip(*best_per_budget(points), strict=True), color=color, marker="o", label=series)
-            ax.set_xscale("log", base=2)
-            ticks = sorted({_x(r, x_key) for r in rows})
-            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.set_xscale("log", base=2)  # ticks at powers of two: measured costs (early stop) are fractional
+            ax.xaxis.set_major_locator(LogLocator(base=2))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             ax.minorticks_off()
             ax.set_xlabel(x_label)
             ax.set_ylabel("verifier score" if metric == "mean_score" else "accuracy")
