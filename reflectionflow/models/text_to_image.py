@@ -42,7 +42,7 @@ def build_flux_pipeline(vae_path: str, transformer: dict, t5: dict, clip: dict, 
     """A FluxPipeline of fresh toy-size transformer and text encoders around the trained VAE."""
     from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 
-    from reflectionflow.models.tiny import clip_text_encoder, flux_dev_scheduler, t5_encoder, build_tokenizers
+    from reflectionflow.models.tiny import build_tokenizers, clip_text_encoder, flux_dev_scheduler, t5_encoder
 
     clip_tok, t5_tok = build_tokenizers(shapes_corpus())
     vae = AutoencoderKL.from_pretrained(Path(vae_path) / "vae")
