@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def shapes_corpus(n_reflections: int = 300) -> list[str]:
-    """Every prompt of the shapes world plus sample reflections: the tokenizers' training text, so a
-    prompt is ~20 T5 tokens instead of ~34 with the GenEval-trained tiny tokenizers."""
+    """Every prompt of the shapes world plus sample reflections: the tokenizers' vocabulary, so every word
+    of a prompt is one T5 token (at most 12 per prompt)."""
     from reflectionflow.data.shapes import CATEGORIES, all_specs, rendered_triplets
     from reflectionflow.models.tiny import REFLECTION_WORDS
 
