@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.search import deterministic_engine
 from PIL import Image
 
 from reflectionflow.search.budget import Usage
@@ -16,7 +17,6 @@ from reflectionflow.search.config import Axes, SearchConfig, planned_cost
 from reflectionflow.search.engine import SearchEngine
 from reflectionflow.search.generator import DeterministicGenerator, FluxGenerator
 from reflectionflow.search.prompts import PromptItem
-from reflectionflow.search.reflectors import DeterministicPromptRefiner, DeterministicReflector
 from reflectionflow.search.runner import run_search
 from reflectionflow.search.verifiers import DeterministicVerifier, Score
 
@@ -61,13 +61,7 @@ class ThresholdVerifier(DeterministicVerifier):
 
 def run(tmp_path: Path, name: str, config: SearchConfig, concurrency: int, generator=None, verifier=None):
     log = CallLog(generator or DeterministicGenerator(size=16, num_inference_steps=3, micro_batch=4))
-    engine = SearchEngine(
-        log,
-        verifier or DeterministicVerifier(),
-        config,
-        DeterministicReflector(),
-        DeterministicPromptRefiner(),
-    )
+    engine = deterministic_engine(config, log, verifier)
     run_search(engine, PROMPTS, tmp_path / name, progress=False, concurrency=concurrency)
     return tmp_path / name, log.calls
 
@@ -113,13 +107,7 @@ def test_concurrent_prompts_give_the_same_outputs_as_one_at_a_time(tmp_path, con
 def test_concurrent_run_resumes_and_shards_like_a_sequential_one(tmp_path):
     config = SearchConfig(width=2, depth=1, axes=ALL_AXES)
     reference, _ = run(tmp_path, "reference", config, concurrency=1)
-    engine = SearchEngine(
-        DeterministicGenerator(size=16, num_inference_steps=3),
-        DeterministicVerifier(),
-        config,
-        DeterministicReflector(),
-        DeterministicPromptRefiner(),
-    )
+    engine = deterministic_engine(config)
     run_search(engine, PROMPTS[:3], tmp_path / "resumed", progress=False, concurrency=3)
     finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("*/search.json")}
     run_search(engine, PROMPTS, tmp_path / "resumed", progress=False, concurrency=3)
@@ -200,9 +188,7 @@ def test_stop_score_is_recorded_in_the_result(tmp_path):
 def test_corrector_input_ablations_change_only_what_the_corrector_sees(mode, expect):
     generator = DeterministicGenerator(size=16, num_inference_steps=3)
     config = SearchConfig(width=2, depth=1, axes=ALL_AXES, corrector_input=mode)
-    engine = SearchEngine(
-        generator, DeterministicVerifier(), config, DeterministicReflector(), DeterministicPromptRefiner()
-    )
+    engine = deterministic_engine(config, generator)
     result = asyncio.run(engine.search(PROMPTS[0]))
     by_key = {(c.round, c.chain): c for c in result.candidates}
     corrected = [(r, c) for r, c in zip(generator.requests, result.candidates, strict=True) if c.round == 1]

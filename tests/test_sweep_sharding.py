@@ -10,18 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.search import deterministic_engine
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 import reflectionflow.infer  # noqa: F401  (registers the rf.shard_suffix resolver)
 from reflectionflow.aggregate import main as aggregate_cli
 from reflectionflow.search.config import Axes, SearchConfig
-from reflectionflow.search.engine import SearchEngine
 from reflectionflow.search.errors import SetupError
-from reflectionflow.search.generator import DeterministicGenerator
 from reflectionflow.search.outputs import RunWriter
 from reflectionflow.search.prompts import PromptItem, shard
-from reflectionflow.search.reflectors import DeterministicPromptRefiner, DeterministicReflector
 from reflectionflow.search.results import assess, job_result, read_budget, write_result
 from reflectionflow.search.runner import run_search
 from reflectionflow.search.sharding import (
@@ -31,7 +29,6 @@ from reflectionflow.search.sharding import (
     shard_suffix,
     sharding_environment,
 )
-from reflectionflow.search.verifiers import DeterministicVerifier
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = SearchConfig(width=2, depth=1, axes=Axes(noise=True, prompt=True, reflection=True))
@@ -109,13 +106,7 @@ def test_shard_suffix_names_the_shards_summary_file(tmp_path):
 
 def search_shard(run_dir: Path, shard_index: int, num_shards: int, config: SearchConfig = CONFIG) -> None:
     """What `python -m reflectionflow.infer` does for one shard, in-process and with deterministic backends."""
-    engine = SearchEngine(
-        DeterministicGenerator(size=16, num_inference_steps=3),
-        DeterministicVerifier(),
-        config,
-        DeterministicReflector(),
-        DeterministicPromptRefiner(),
-    )
+    engine = deterministic_engine(config)
     run_search(engine, ITEMS, run_dir, shard_index=shard_index, num_shards=num_shards, progress=False)
     mine = [item.index for item in shard(ITEMS, shard_index, num_shards)]
     overrides = [] if num_shards == 1 else [f"shard_index={shard_index}", f"num_shards={num_shards}"]
