@@ -63,12 +63,14 @@ def model_sample_triplets(
         images = pipe.generate([s.prompt for s in specs], noises=noises, height=image_size, width=image_size,
                                num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale)
         for spec, image in zip(specs, images, strict=True):
-            if check_image(image, spec).correct:
+            checked = check_image(image, spec)
+            if checked.correct:
                 counts["already_correct"] += 1
                 continue
             editing = bool(rng.random() < editing_fraction)
             try:
-                triplet = make_triplet(spec, image, rng, editing=editing, size=image_size, meta={"source": "model"})
+                triplet = make_triplet(spec, image, rng, editing=editing, size=image_size, meta={"source": "model"},
+                                       checked=checked)
             except ValueError as err:  # the rule-based reflector fails on some scenes no flaw generator makes
                 counts["reflector_error"] += 1
                 log.debug("no triplet from a sample of %r: %s", spec.prompt, err)

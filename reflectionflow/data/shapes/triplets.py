@@ -16,7 +16,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from reflectionflow.data.shapes.checker import check_image
+from reflectionflow.data.shapes.checker import CheckResult, check_image
 from reflectionflow.data.shapes.editor import apply_edits
 from reflectionflow.data.shapes.edits import reflection_text
 from reflectionflow.data.shapes.flaws import make_flawed
@@ -49,11 +49,12 @@ def make_triplet(
     editing: bool,
     size: int = DEFAULT_SIZE,
     meta: dict[str, Any] | None = None,
+    checked: CheckResult | None = None,
 ) -> Triplet | None:
-    """Check `bad` (a flawed render or a model sample), reflect on it and pair it with a good image.
-    None when there is nothing to learn: `bad` is already correct, or the good image would not pass
-    (e.g. the edit keeps an object of a colour outside the palette)."""
-    result = check_image(bad, spec)
+    """Check `bad` (a flawed render or a model sample; `checked`: its check, if the caller has it),
+    reflect on it and pair it with a good image. None when there is nothing to learn: `bad` is already
+    correct, or the good image would not pass (e.g. the edit keeps an object of a colour outside the palette)."""
+    result = checked or check_image(bad, spec)
     if result.correct:
         return None
     edits = plan_edits(result, rng)
