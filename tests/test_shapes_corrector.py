@@ -92,12 +92,12 @@ def test_lora_loads_with_the_project_loader_and_changes_the_corrector(corrector_
     config = plain.config
     g = torch.Generator().manual_seed(0)
     inputs = dict(
-        hidden_states=torch.randn(1, 36, config.in_channels, generator=g),
+        hidden_states=torch.randn(1, 9, config.in_channels, generator=g),
         encoder_hidden_states=torch.randn(1, 5, config.joint_attention_dim, generator=g),
         pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
-        timestep=torch.tensor([0.5]), img_ids=latent_ids(12, 12), txt_ids=torch.zeros(5, 3),
-        cond_hidden_states=torch.randn(1, 36, config.in_channels, generator=g),
-        cond_ids=condition_ids(48, vae_scale_factor=4),
+        timestep=torch.tensor([0.5]), img_ids=latent_ids(6, 6), txt_ids=torch.zeros(5, 3),
+        cond_hidden_states=torch.randn(1, 9, config.in_channels, generator=g),
+        cond_ids=condition_ids(48, vae_scale_factor=8),
     )
     with torch.no_grad():
         assert not torch.allclose(corrector_forward(plain, **inputs), corrector_forward(tuned, **inputs))

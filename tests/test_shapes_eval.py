@@ -18,12 +18,12 @@ from reflectionflow.search.shapes import ShapesChecker, ShapesPromptRefiner, Sha
 
 @pytest.fixture(scope="module")
 def shapes_flux(tmp_path_factory):
-    """An untrained shapes FluxPipeline (4x VAE, toy transformer) in diffusers format."""
+    """An untrained shapes FluxPipeline (8x VAE as the recipe's, toy transformer) in diffusers format."""
     from reflectionflow.models.autoencoder import build_autoencoder
     from reflectionflow.models.text_to_image import build_flux_pipeline
 
     root = tmp_path_factory.mktemp("flux")
-    build_autoencoder((8, 8, 8), 16, 1, 4).save_pretrained(root / "vae-product" / "vae")
+    build_autoencoder((8, 8, 8, 8), 16, 1, 4).save_pretrained(root / "vae-product" / "vae")
     pipe = build_flux_pipeline(
         str(root / "vae-product"),
         transformer={

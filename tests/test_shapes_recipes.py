@@ -62,12 +62,12 @@ def test_flow_matching_loss_is_zero_for_the_true_velocity():
     assert wrong.item() > 0.1
 
 
-def test_vae_recipe_writes_a_4x_16_channel_vae_with_checker_metrics(vae_product):
+def test_vae_recipe_writes_an_8x_16_channel_vae_with_checker_metrics(vae_product):
     from diffusers import AutoencoderKL
 
     _, product = vae_product
     vae = AutoencoderKL.from_pretrained(product / "vae")
-    assert vae.config.latent_channels == 16 and 2 ** (len(vae.config.block_out_channels) - 1) == 4
+    assert vae.config.latent_channels == 16 and 2 ** (len(vae.config.block_out_channels) - 1) == 8
     assert vae.config.scaling_factor != 1.0  # set from the latent statistics at export
     metrics = json.loads((product / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0 and len(metrics["per_tag"]) == 6
@@ -92,6 +92,6 @@ def test_base_recipe_saves_a_flux_pipeline_the_project_loads(vae_product, tmp_pa
     product = latest(cache, "shapes_base")
     assert product.name.startswith("shapes_base-")
     flux = load_flux_pipeline(str(product))
-    assert flux.vae_scale_factor == 4 and flux.transformer.config.num_layers == 1
+    assert flux.vae_scale_factor == 8 and flux.transformer.config.num_layers == 1
     metrics = json.loads((product / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["global_step"] == 2

@@ -7,8 +7,8 @@ are fractions of the image side, so the same scene renders (and is checked) at a
 from __future__ import annotations
 
 DEFAULT_SIZE = 48
-"""Default image side in pixels: with the 4x-downsampling VAE a 48 px image is 12 x 12 latents, 6 x 6
-packed tokens, and one grid cell is exactly 2 x 2 tokens (16 x 16 px)."""
+"""Default image side in pixels: with the 8x-downsampling VAE a 48 px image is 6 x 6 latents, 3 x 3
+packed tokens, and each grid cell (16 x 16 px) is exactly one token."""
 
 BACKGROUND = (255, 255, 255)
 
