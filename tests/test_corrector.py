@@ -279,6 +279,12 @@ def test_condition_ids_are_shifted_left_by_the_position_delta():
     assert ids[:, 2].min() == -4 and ids[:, 2].max() == -1
 
 
+def test_aligned_condition_ids_are_the_target_ids_and_unknown_positions_fail():
+    assert torch.equal(condition_ids(64, position="aligned"), latent_ids(8, 8))
+    with pytest.raises(ValueError, match="condition_position"):
+        condition_ids(64, position="on top")
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

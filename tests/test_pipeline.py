@@ -125,6 +125,18 @@ def test_correction_uses_image_and_reflection(flux, attention):
     assert np.abs(a - b).max() > 1e-4 and np.abs(a - c).max() > 1e-4
 
 
+def test_condition_position_reaches_the_corrector_and_is_validated(flux):
+    _random_lora(flux.transformer, 4, 4)
+    beside, aligned = (ReflectionFluxPipeline(flux, condition_size=32, condition_position=p) for p in ("beside", "aligned"))
+    flawed = beside(PROMPT, height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0))[0]
+    kwargs = dict(image=flawed, reflection="make it blue", height=64, width=64, num_inference_steps=2, output_type="np")
+    a = beside(PROMPT, generator=torch.Generator().manual_seed(1), **kwargs)
+    b = aligned(PROMPT, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert np.abs(a - b).max() > 1e-4
+    with pytest.raises(ValueError, match="condition_position"):
+        ReflectionFluxPipeline(flux, condition_position="above")
+
+
 def test_corrector_requests_use_their_own_t5_length(flux):
     """A corrector trained with longer T5 texts than the base model: each sees its own padding length."""
     _random_lora(flux.transformer, 4, 4)

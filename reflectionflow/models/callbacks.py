@@ -111,7 +111,8 @@ class ValidationPanels(L.Callback):
             return
         hp = pl_module.hparams
         pipe = ReflectionFluxPipeline(pl_module.pipe, attention=hp.attention, lora_on_target=hp.lora_on_target,
-                                      condition_size=hp.condition_size, max_sequence_length=hp.max_sequence_length)
+                                      condition_size=hp.condition_size, condition_position=hp.condition_position,
+                                      max_sequence_length=hp.max_sequence_length)
         was_training = pl_module.training
         pl_module.eval()
         size = samples[0]["image"].size

@@ -69,16 +69,28 @@ def latent_ids(height: int, width: int, device=None, dtype=torch.float32) -> tor
     return ids.reshape(-1, 3)
 
 
-def condition_ids(condition_size: int, device=None, dtype=torch.float32, vae_scale_factor: int = 8) -> torch.Tensor:
-    """RoPE ids of a `condition_size`-pixel square condition image, shifted by the paper's position delta.
+CONDITION_POSITIONS = ("beside", "aligned")
 
-    The delta `(0, -condition_size // 16)` (FLUX's 8x VAE: the condition's width in tokens) is added to axes
-    1 and 2 of the ids: rows stay, columns move left by that many tokens, so the condition sits beside the
-    target rather than on top of it. Other VAEs shift by their own token width.
+
+def condition_ids(
+    condition_size: int, device=None, dtype=torch.float32, vae_scale_factor: int = 8, position: str = "beside"
+) -> torch.Tensor:
+    """RoPE ids of a `condition_size`-pixel square condition image.
+
+    `beside` (the paper's): the delta `(0, -condition_size // 16)` (FLUX's 8x VAE: the condition's width in
+    tokens) is added to axes 1 and 2 of the ids: rows stay, columns move left by that many tokens, so the
+    condition sits beside the target rather than on top of it. Other VAEs shift by their own token width.
+    `aligned`: the target's own ids (OminiControl's choice for spatially aligned conditions), so a condition
+    token and the target token at the same place share their position; a small model trained from scratch
+    learns to copy and edit this way within minutes and does not learn it from `beside` (the shapes
+    miniature, README).
     """
+    if position not in CONDITION_POSITIONS:
+        raise ValueError(f"condition_position: expected one of {CONDITION_POSITIONS}, got {position!r}")
     latent = condition_size // vae_scale_factor
     ids = latent_ids(latent, latent, device=device, dtype=dtype)
-    ids[:, 2] -= latent // 2
+    if position == "beside":
+        ids[:, 2] -= latent // 2
     return ids
 
 

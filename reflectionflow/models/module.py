@@ -50,6 +50,7 @@ class ReflectionTuningModule(L.LightningModule):
         attention: str = "union",
         lora_on_target: bool = False,
         condition_size: int = 512,
+        condition_position: str = "beside",
         guidance: float = 1.0,
         timestep_mean: float = 0.0,
         timestep_std: float = 1.0,
@@ -134,7 +135,8 @@ class ReflectionTuningModule(L.LightningModule):
         target_size = batch["image"].shape[-2:]
         dtype = self.transformer.dtype
         img_ids = latent_ids(target_size[0] // scale, target_size[1] // scale, device=self.device, dtype=dtype)
-        cond_ids = condition_ids(batch["condition"].shape[-1], device=self.device, dtype=dtype, vae_scale_factor=scale)
+        cond_ids = condition_ids(batch["condition"].shape[-1], device=self.device, dtype=dtype, vae_scale_factor=scale,
+                                 position=hp.condition_position)
 
         def predict(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return corrector_forward(

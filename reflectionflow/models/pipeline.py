@@ -21,6 +21,7 @@ from PIL import Image
 
 from reflectionflow.models.corrector import (
     ATTENTION_MODES,
+    CONDITION_POSITIONS,
     _lora_layers,
     build_condition_cache,
     condition_ids,
@@ -76,6 +77,7 @@ class ReflectionFluxPipeline:
         attention: str = "union",
         lora_on_target: bool = False,
         condition_size: int = 512,
+        condition_position: str = "beside",
         max_sequence_length: int = 512,
         corrector_max_sequence_length: int | None = None,
         micro_batch: int = 8,
@@ -83,6 +85,8 @@ class ReflectionFluxPipeline:
     ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
+        if condition_position not in CONDITION_POSITIONS:
+            raise ValueError(f"condition_position: expected one of {CONDITION_POSITIONS}, got {condition_position!r}")
         if condition_size % (2 * flux.vae_scale_factor):
             raise ValueError(
                 f"condition_size must be a multiple of {2 * flux.vae_scale_factor} (2x2 packed latents), got {condition_size}"
@@ -92,6 +96,7 @@ class ReflectionFluxPipeline:
         self.attention = attention
         self.lora_on_target = lora_on_target
         self.condition_size = condition_size
+        self.condition_position = condition_position  # the RoPE placement the corrector was trained with
         self.max_sequence_length = max_sequence_length
         # T5 length of corrector requests (prompt + reflection), when the corrector was trained with a
         # longer one than the base model; FLUX masks no padding, so each must see its training length.
@@ -287,7 +292,7 @@ class ReflectionFluxPipeline:
         first = {key: keys.index(key) for key in unique}
         latents = self.encode_condition([conditions[first[k]] for k in unique])
         ids = condition_ids(self.condition_size, device=self.device, dtype=self.dtype,
-                            vae_scale_factor=self.flux.vae_scale_factor)
+                            vae_scale_factor=self.flux.vae_scale_factor, position=self.condition_position)
         index = torch.tensor([unique.index(k) for k in keys], device=self.device)
         if cfg:
             index = torch.cat([index, index])

@@ -131,7 +131,8 @@ class ShapesCorrectorModule(ReflectionTuningModule):
         self.transformer.eval()
         pipe = ReflectionFluxPipeline(
             self.pipe, attention=hp.attention, lora_on_target=hp.lora_on_target,
-            condition_size=hp.condition_size, max_sequence_length=hp.max_sequence_length, micro_batch=48,
+            condition_size=hp.condition_size, condition_position=hp.condition_position,
+            max_sequence_length=hp.max_sequence_length, micro_batch=48,
         )
         cases = heldout_flawed_cases(hp.eval_per_category, hp.image_size, hp.seed)
         metrics: dict[str, Any] = corrector_fix_rates(
