@@ -1,0 +1,101 @@
+"""Does a corrector use its flawed image? Flow-matching loss with the real, a shuffled and no condition.
+
+    python benchmarks/condition_use.py [--lora DIR] [--base DIR] [--shards DIR] [--position aligned]
+
+On editing triplets (the good image is the flawed one with the reflection's edits) a corrector that reads
+its condition predicts the target far better from the real flawed image than from another sample's.
+The baseline is the same corrector with the conditions shuffled across the batch, measured in the same
+run: a real/shuffled ratio near 1.0 means the condition is ignored. Defaults are the shapes recipes'
+latest products in the cache (`python -m reflectionflow.train experiment=shapes_corrector`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def latest_product(name: str) -> str:
+    from reflectionflow.recipes import recipes_dir
+
+    marker = recipes_dir() / f"{name}.latest"
+    if not marker.is_file():
+        raise SystemExit(f"no {name} product in {recipes_dir()}: run python -m reflectionflow.train experiment={name}")
+    return marker.read_text().strip()
+
+
+def latest_shards() -> str:
+    from reflectionflow.recipes import recipes_dir
+
+    built = sorted(recipes_dir().glob("shapes_triplets-*/stats.json"), key=lambda p: p.stat().st_mtime)
+    if not built:
+        raise SystemExit("no shapes triplet shards: run python -m reflectionflow.train experiment=shapes_corrector")
+    return str(built[-1].parent)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lora", help="corrector LoRA dir (default: the shapes_corrector product's lora/)")
+    parser.add_argument("--base", help="base model dir (default: the shapes_base product)")
+    parser.add_argument("--shards", help="triplet shard dir (default: the newest shapes_triplets-*)")
+    parser.add_argument("--position", default="aligned", choices=["beside", "aligned"],
+                        help="condition placement the LoRA was trained with")
+    parser.add_argument("--lora-on-target", action=argparse.BooleanOptionalAction, default=True,
+                        help="LoRA on target and text tokens too, as the shapes corrector trains")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--max-sequence-length", type=int, default=32)
+    parser.add_argument("--times", type=float, nargs="+", default=[0.3, 0.6, 0.9])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    from reflectionflow.data import GenRefDataModule
+    from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
+    from reflectionflow.models.loading import load_flux_pipeline
+    from reflectionflow.models.pipeline import encode_images
+
+    base = args.base or latest_product("shapes_base")
+    lora = args.lora or str(Path(latest_product("shapes_corrector")) / "lora")
+    shards = args.shards or latest_shards()
+    flux = load_flux_pipeline(base, lora_path=lora)
+    transformer = flux.transformer.eval()
+    datamodule = GenRefDataModule(f"{shards}/shapes-*.tar", batch_size=args.batch, num_workers=0, target_size=48,
+                                  condition_size=48, resampled=False, shuffle_buffer=0,
+                                  drop_text=0.0, drop_image=0.0, drop_reflection=0.0)
+    batch = next(iter(datamodule.train_dataloader()))
+    editing = [i for i, subset in enumerate(batch["subset"]) if subset == "editing"]
+    if len(editing) < 2:
+        raise SystemExit(f"{shards}: fewer than 2 editing triplets in the first batch")
+
+    scale = flux.vae_scale_factor
+    size = batch["image"].shape[-1]
+    with torch.no_grad():
+        target = encode_images(flux.vae, batch["image"][editing])
+        condition = encode_images(flux.vae, batch["condition"][editing])
+        t5, pooled, _ = flux.encode_prompt(prompt=[batch["prompt"][i] for i in editing],
+                                           prompt_2=[batch["t5_text"][i] for i in editing],
+                                           max_sequence_length=args.max_sequence_length)
+        noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+        ids = dict(img_ids=latent_ids(size // scale, size // scale), txt_ids=torch.zeros(t5.shape[1], 3))
+        cond_ids = condition_ids(size, vae_scale_factor=scale, position=args.position)
+        print(f"{len(editing)} editing triplets from {shards}; corrector {lora} ({args.position})")
+        print(f"copying the flawed image as the prediction: latent MSE {((target - condition) ** 2).mean():.4f}")
+        print("   t | real condition | shuffled | none   | real / shuffled")
+        for t_value in args.times:
+            t = torch.full((len(editing),), t_value)
+            noisy = (1 - t_value) * target + t_value * noise
+            losses = {}
+            for name, cond in (("real", condition), ("shuffled", condition.roll(1, 0)), ("none", None)):
+                velocity = corrector_forward(
+                    transformer, hidden_states=noisy, encoder_hidden_states=t5, pooled_projections=pooled,
+                    timestep=t, cond_hidden_states=cond, cond_ids=cond_ids if cond is not None else None,
+                    lora_on_target=args.lora_on_target, **ids,
+                )
+                losses[name] = ((velocity - (noise - target)) ** 2).mean().item()
+            print(f"{t_value:4.1f} | {losses['real']:14.4f} | {losses['shuffled']:8.4f} | {losses['none']:6.4f} | "
+                  f"{losses['real'] / losses['shuffled']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
