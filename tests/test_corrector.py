@@ -285,6 +285,19 @@ def test_aligned_condition_ids_are_the_target_ids_and_unknown_positions_fail():
         condition_ids(64, position="on top")
 
 
+def test_bad_placement_or_attention_fails_before_any_model_is_loaded(tmp_path):
+    from reflectionflow.models.module import ReflectionTuningModule
+    from reflectionflow.search.generator import FluxGenerator
+
+    missing = str(tmp_path / "no-model")
+    with pytest.raises(ValueError, match="model.condition_position"):
+        ReflectionTuningModule(path=missing, condition_position="on top")
+    with pytest.raises(ValueError, match="model.attention"):
+        ReflectionTuningModule(path=missing, attention="sideways")
+    with pytest.raises(ValueError, match="generator.condition_position"):
+        FluxGenerator(missing, condition_position="on top")
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

@@ -15,6 +15,8 @@ import lightning as L
 import torch
 
 from reflectionflow.models.corrector import (
+    ATTENTION_MODES,
+    CONDITION_POSITIONS,
     condition_ids,
     corrector_forward,
     dead_end_lora_parameters,
@@ -62,6 +64,10 @@ class ReflectionTuningModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        if attention not in ATTENTION_MODES:  # before FLUX is loaded
+            raise ValueError(f"model.attention: expected one of {ATTENTION_MODES}, got {attention!r}")
+        if condition_position not in CONDITION_POSITIONS:
+            raise ValueError(f"model.condition_position: expected one of {CONDITION_POSITIONS}, got {condition_position!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

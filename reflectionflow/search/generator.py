@@ -140,8 +140,12 @@ class FluxGenerator:
     ):
         from reflectionflow.models.pipeline import ReflectionFluxPipeline
 
+        from reflectionflow.models.corrector import CONDITION_POSITIONS
+
         if micro_batch < 1:
             raise ValueError(f"generator.micro_batch must be >= 1, got {micro_batch}")
+        if condition_position not in CONDITION_POSITIONS:  # before the model is loaded
+            raise ValueError(f"generator.condition_position: expected one of {CONDITION_POSITIONS}, got {condition_position!r}")
         if lora_path is None:
             log.warning(
                 "no corrector LoRA (model.lora_path=null): reflection rounds run the base model with an "
