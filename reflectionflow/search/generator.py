@@ -138,9 +138,8 @@ class FluxGenerator:
         max_sequence_length: int = 512,
         corrector_max_sequence_length: int | None = None,
     ):
-        from reflectionflow.models.pipeline import ReflectionFluxPipeline
-
         from reflectionflow.models.corrector import CONDITION_POSITIONS
+        from reflectionflow.models.pipeline import ReflectionFluxPipeline
 
         if micro_batch < 1:
             raise ValueError(f"generator.micro_batch must be >= 1, got {micro_batch}")
