@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 
-def latest_product(name: str) -> str:
-    from reflectionflow.recipes import recipes_dir
+def built_product(name: str) -> Path:
+    from reflectionflow.recipes import latest_product, recipes_dir
 
-    marker = recipes_dir() / f"{name}.latest"
-    if not marker.is_file():
+    product = latest_product(name)
+    if product is None:
         raise SystemExit(f"no {name} product in {recipes_dir()}: run python -m reflectionflow.train experiment={name}")
-    return marker.read_text().strip()
+    return product
 
 
 def latest_shards() -> str:
@@ -55,8 +55,8 @@ def main() -> None:
     from reflectionflow.models.loading import load_flux_pipeline
     from reflectionflow.models.pipeline import encode_images
 
-    base = args.base or latest_product("shapes_base")
-    lora = args.lora or str(Path(latest_product("shapes_corrector")) / "lora")
+    base = args.base or str(built_product("shapes_base"))
+    lora = args.lora or str(built_product("shapes_corrector") / "lora")
     shards = args.shards or latest_shards()
     flux = load_flux_pipeline(base, lora_path=lora)
     transformer = flux.transformer.eval()

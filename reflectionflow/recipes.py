@@ -53,6 +53,12 @@ def is_built(product: Path) -> bool:
     return (product / DONE).is_file()
 
 
+def latest_product(name: str) -> Path | None:
+    """The product `${rf.recipe:<name>}` returns now (the last one built or reused), None before any."""
+    marker = recipes_dir() / f"{name}.latest"
+    return Path(marker.read_text().strip()) if marker.is_file() else None
+
+
 def mark_built(name: str, product: Path) -> None:
     """Seal a finished product and make it the recipe's latest (what `${rf.recipe:name}` returns)."""
     (product / DONE).write_text("")
@@ -67,7 +73,7 @@ def build_recipe(experiment: str) -> str:
     done = subprocess.run(command, check=False)
     if done.returncode:
         raise RuntimeError(f"recipe {experiment} failed (exit {done.returncode}): {' '.join(command)}")
-    return (recipes_dir() / f"{experiment}.latest").read_text().strip()
+    return str(latest_product(experiment))
 
 
 OmegaConf.register_new_resolver("rf.recipe", build_recipe, replace=True)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 ATTENTION_MODES = ("union", "causal")
+CONDITION_POSITIONS = ("beside", "aligned")
 # Double-block layers that process the image stream (the text stream has its own `*_context`/`add_*` layers).
 _DOUBLE_IMAGE_STREAM = re.compile(r"^(norm1\.linear|attn\.to_[qkv]|attn\.to_out\.0|ff\.net\.\d+(\.proj)?)(\.|$)")
 
@@ -69,7 +70,10 @@ def latent_ids(height: int, width: int, device=None, dtype=torch.float32) -> tor
     return ids.reshape(-1, 3)
 
 
-CONDITION_POSITIONS = ("beside", "aligned")
+def check_option(key: str, value: str, options: tuple[str, ...]) -> None:
+    """One clear line for a setting outside its options; `key` names it as the caller's user sets it."""
+    if value not in options:
+        raise ValueError(f"{key}: expected one of {options}, got {value!r}")
 
 
 def condition_ids(
@@ -85,8 +89,7 @@ def condition_ids(
     learns to copy and edit this way within minutes and does not learn it from `beside` (the shapes
     miniature, README).
     """
-    if position not in CONDITION_POSITIONS:
-        raise ValueError(f"condition_position: expected one of {CONDITION_POSITIONS}, got {position!r}")
+    check_option("condition_position", position, CONDITION_POSITIONS)
     latent = condition_size // vae_scale_factor
     ids = latent_ids(latent, latent, device=device, dtype=dtype)
     if position == "beside":
@@ -391,8 +394,7 @@ def corrector_forward(
     With no condition and no active LoRA on the text/target path this equals the stock FLUX forward exactly.
     """
     config = transformer.config
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
+    check_option("attention", attention, ATTENTION_MODES)
     _check("hidden_states", hidden_states, f"(B, N_target, {config.in_channels})",
            hidden_states.ndim == 3 and hidden_states.shape[-1] == config.in_channels)
     batch, n_target = hidden_states.shape[:2]

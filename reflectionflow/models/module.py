@@ -17,6 +17,7 @@ import torch
 from reflectionflow.models.corrector import (
     ATTENTION_MODES,
     CONDITION_POSITIONS,
+    check_option,
     condition_ids,
     corrector_forward,
     dead_end_lora_parameters,
@@ -64,10 +65,8 @@ class ReflectionTuningModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        if attention not in ATTENTION_MODES:  # before FLUX is loaded
-            raise ValueError(f"model.attention: expected one of {ATTENTION_MODES}, got {attention!r}")
-        if condition_position not in CONDITION_POSITIONS:
-            raise ValueError(f"model.condition_position: expected one of {CONDITION_POSITIONS}, got {condition_position!r}")
+        check_option("model.attention", attention, ATTENTION_MODES)  # before FLUX is loaded
+        check_option("model.condition_position", condition_position, CONDITION_POSITIONS)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

@@ -24,6 +24,7 @@ from reflectionflow.models.corrector import (
     CONDITION_POSITIONS,
     _lora_layers,
     build_condition_cache,
+    check_option,
     condition_ids,
     corrector_forward,
     latent_ids,
@@ -83,10 +84,8 @@ class ReflectionFluxPipeline:
         micro_batch: int = 8,
         text_cache_size: int = 4096,
     ):
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
-        if condition_position not in CONDITION_POSITIONS:
-            raise ValueError(f"condition_position: expected one of {CONDITION_POSITIONS}, got {condition_position!r}")
+        check_option("attention", attention, ATTENTION_MODES)
+        check_option("condition_position", condition_position, CONDITION_POSITIONS)
         if condition_size % (2 * flux.vae_scale_factor):
             raise ValueError(
                 f"condition_size must be a multiple of {2 * flux.vae_scale_factor} (2x2 packed latents), got {condition_size}"

@@ -138,13 +138,12 @@ class FluxGenerator:
         max_sequence_length: int = 512,
         corrector_max_sequence_length: int | None = None,
     ):
-        from reflectionflow.models.corrector import CONDITION_POSITIONS
+        from reflectionflow.models.corrector import CONDITION_POSITIONS, check_option
         from reflectionflow.models.pipeline import ReflectionFluxPipeline
 
         if micro_batch < 1:
             raise ValueError(f"generator.micro_batch must be >= 1, got {micro_batch}")
-        if condition_position not in CONDITION_POSITIONS:  # before the model is loaded
-            raise ValueError(f"generator.condition_position: expected one of {CONDITION_POSITIONS}, got {condition_position!r}")
+        check_option("generator.condition_position", condition_position, CONDITION_POSITIONS)  # before loading
         if lora_path is None:
             log.warning(
                 "no corrector LoRA (model.lora_path=null): reflection rounds run the base model with an "
