@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 DONE = "DONE"
 
+RECIPE_VERSION = 2
+"""Part of every product's key; bumped when code changes what the same config trains (2: T5 vocabulary
+without sentence punctuation), so stale products are rebuilt instead of reused."""
+
 
 def recipes_dir() -> Path:
     from reflectionflow.models.loading import cache_dir
@@ -44,6 +48,7 @@ def product_dir(cfg: DictConfig) -> Path | None:
         "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
         "callbacks": OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True),
         "seed": cfg.get("seed"),
+        "version": RECIPE_VERSION,
     }
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return recipes_dir() / f"{name}-{digest}"

@@ -73,6 +73,20 @@ def test_vae_recipe_writes_an_8x_16_channel_vae_with_checker_metrics(vae_product
     assert 0.0 <= metrics["accuracy"] <= 1.0 and len(metrics["per_tag"]) == 6
 
 
+def test_a_new_recipe_version_keys_a_new_product(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from reflectionflow import recipes
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=shapes_vae"])
+    before = recipes.product_dir(cfg)
+    assert before.name.startswith("shapes_vae-") and recipes.product_dir(cfg) == before
+    monkeypatch.setattr(recipes, "RECIPE_VERSION", recipes.RECIPE_VERSION + 1)
+    assert recipes.product_dir(cfg) != before
+
+
 def test_a_second_run_with_the_same_config_reuses_the_product(vae_product, tmp_path):
     cache, product = vae_product
     before = (product / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns

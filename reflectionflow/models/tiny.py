@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 # Bumped when the same seed builds different files, so cached builds (model.path=tiny) are rebuilt.
-_BUILD_VERSION = 2
+_BUILD_VERSION = 3
 
 # Words a reflection uses that GenEval prompts lack; they keep the tiny T5 vocabulary meaningful.
 REFLECTION_WORDS = (
@@ -30,14 +30,23 @@ REFLECTION_WORDS = (
 )
 
 
+SENTENCE_PUNCTUATION = ".,;:!?"
+
+
 def _corpus() -> list[str]:
     text = resources.files("reflectionflow.assets").joinpath("geneval_metadata.jsonl").read_text()
     return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()] + [REFLECTION_WORDS]
 
 
+def _words(line: str) -> list[str]:
+    """The words of `line` without sentence punctuation, as T5's SentencePiece has "▁red" and "." but
+    no "▁red.": the last word of a reflection ("Change the circle to red.") is then the prompt's token."""
+    return [word for word in (w.rstrip(SENTENCE_PUNCTUATION) for w in line.split()) if word]
+
+
 def _word_counts(corpus: list[str], lower: bool) -> list[tuple[str, int]]:
     """Words of `corpus` by descending count, ties alphabetical: a pure function of the text."""
-    counts = Counter(word for line in corpus for word in (line.lower() if lower else line).split())
+    counts = Counter(word for line in corpus for word in _words(line.lower() if lower else line))
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
