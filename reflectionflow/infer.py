@@ -64,6 +64,22 @@ def prompt_items(cfg: DictConfig) -> list[PromptItem]:
     return build(cfg.prompts, "prompts")
 
 
+def corrector_lora(cfg: DictConfig, reflects: bool) -> None:
+    """A search without reflection rounds never calls the corrector, so its LoRA is neither resolved nor
+    loaded (`${rf.recipe:shapes_corrector}` is not trained for a noise-only preset); a reflecting search
+    without one gets a warning."""
+    holders = (cfg.get("model"), cfg.generator)
+    nodes = [node for node in holders if node is not None and "lora_path" in node.keys()]  # `in` resolves
+    if not reflects:
+        for node in nodes:
+            node.lora_path = None
+    elif nodes and nodes[-1].lora_path is None:
+        log.warning(
+            "no corrector LoRA (model.lora_path=null): reflection rounds run the base model with an "
+            "untrained condition stream; set model.lora_path to a reflection-tuned LoRA directory"
+        )
+
+
 def loggable_config(cfg: DictConfig) -> dict[str, Any]:
     """The job config resolved, except `prompt`, kept literally (its text may look like `${...}`)."""
     literal = OmegaConf.to_container(cfg, resolve=False)["prompt"]
@@ -109,6 +125,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     """Search this job's prompts into `run_dir` and write its result file; returns the result."""
     started = time.perf_counter()
     search: SearchConfig = build(cfg.search, "search")
+    corrector_lora(cfg, search.reflects)
     concurrency = cfg.concurrent_prompts
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise SetupError(f"concurrent_prompts must be a positive int, got {concurrency!r}")

@@ -125,6 +125,35 @@ def test_presets_compose_and_match_budgets():
         assert cfg.verifier.chat.api_key_env == "OPENAI_API_KEY"
 
 
+@pytest.fixture()
+def resolved_recipes():
+    """The recipes `${rf.recipe:...}` was asked for during the test (none is trained)."""
+    from omegaconf import OmegaConf
+
+    from reflectionflow import recipes
+
+    asked: list[str] = []
+    OmegaConf.register_new_resolver("rf.recipe", lambda name: asked.append(name) or "/unbuilt", replace=True)
+    yield asked
+    OmegaConf.register_new_resolver("rf.recipe", recipes.build_recipe, replace=True)
+
+
+def test_only_a_reflecting_search_needs_the_corrector(caplog, resolved_recipes):
+    from reflectionflow.infer import corrector_lora
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        noise = compose("infer", overrides=["experiment=shapes", "search=noise"])
+        reflecting = compose("infer", overrides=["search=reflectionflow", "model.lora_path=/models/corrector"])
+        unset = compose("infer", overrides=["search=reflectionflow", "model.lora_path=null"])
+    corrector_lora(noise, reflects=False)
+    assert noise.model.lora_path is None and noise.generator.lora_path is None
+    assert resolved_recipes == []  # the shapes_corrector recipe is not trained for a noise search
+    corrector_lora(reflecting, reflects=True)
+    assert reflecting.generator.lora_path == "/models/corrector" and "no corrector LoRA" not in caplog.text
+    corrector_lora(unset, reflects=True)
+    assert "no corrector LoRA" in caplog.text
+
+
 def strip_times(run_dir: Path) -> dict[str, object]:
     files = {}
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts):

@@ -8,7 +8,6 @@ image i while image i+1's micro-batch is still denoising.
 from __future__ import annotations
 
 import hashlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +17,6 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
-
-log = logging.getLogger(__name__)
 
 ResultCallback = Callable[[int, "GenerationResult"], None]
 
@@ -144,11 +141,6 @@ class FluxGenerator:
         if micro_batch < 1:
             raise ValueError(f"generator.micro_batch must be >= 1, got {micro_batch}")
         check_option("generator.condition_position", condition_position, CONDITION_POSITIONS)  # before loading
-        if lora_path is None:
-            log.warning(
-                "no corrector LoRA (model.lora_path=null): reflection rounds run the base model with an "
-                "untrained condition stream; set model.lora_path to a reflection-tuned LoRA directory"
-            )
         self.pipeline = ReflectionFluxPipeline.from_pretrained(
             model_path,
             lora_path,
