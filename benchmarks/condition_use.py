@@ -1,12 +1,15 @@
-"""Does a corrector use its flawed image? Flow-matching loss with the real, a shuffled and no condition.
+"""Does a corrector use its flawed image and its reflection? Flow-matching loss with real, shuffled and no inputs.
 
     python benchmarks/condition_use.py [--lora DIR] [--base DIR] [--shards DIR] [--position aligned]
 
 On editing triplets (the good image is the flawed one with the reflection's edits) a corrector that reads
 its condition predicts the target far better from the real flawed image than from another sample's.
 The baseline is the same corrector with the conditions shuffled across the batch, measured in the same
-run: a real/shuffled ratio near 1.0 means the condition is ignored. Defaults are the shapes recipes'
-latest products in the cache (`python -m reflectionflow.train experiment=shapes_corrector`).
+run: a real/shuffled ratio near 1.0 means the condition is ignored. `copy` is the loss of predicting the
+flawed image itself as the clean target (|x0 - condition|^2 / t^2): what merely copying would reach. The
+second table does the same for the reflection text (T5 reads the prompt with its own reflection, another
+sample's, or the prompt alone). Defaults are the shapes recipes' latest products in the cache
+(`python -m reflectionflow.train experiment=shapes_corrector`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def main() -> None:
     parser.add_argument("--lora-on-target", action=argparse.BooleanOptionalAction, default=True,
                         help="LoRA on target and text tokens too, as the shapes corrector trains")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--max-sequence-length", type=int, default=32)
+    parser.add_argument("--max-sequence-length", type=int, default=40)
     parser.add_argument("--times", type=float, nargs="+", default=[0.3, 0.6, 0.9])
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -54,6 +57,7 @@ def main() -> None:
     from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
     from reflectionflow.models.loading import load_flux_pipeline
     from reflectionflow.models.pipeline import encode_images
+    from reflectionflow.models.text import REFLECTION_SEPARATOR, t5_text
 
     base = args.base or str(built_product("shapes_base"))
     lora = args.lora or str(built_product("shapes_corrector") / "lora")
@@ -70,32 +74,44 @@ def main() -> None:
 
     scale = flux.vae_scale_factor
     size = batch["image"].shape[-1]
+    prompts = [batch["prompt"][i] for i in editing]
+    reflections = [batch["t5_text"][i].partition(REFLECTION_SEPARATOR)[2] for i in editing]
+    texts = {
+        "real": [t5_text(p, r) for p, r in zip(prompts, reflections, strict=True)],
+        "shuffled": [t5_text(p, r) for p, r in zip(prompts, reflections[1:] + reflections[:1], strict=True)],
+        "none": prompts,
+    }
     with torch.no_grad():
         target = encode_images(flux.vae, batch["image"][editing])
         condition = encode_images(flux.vae, batch["condition"][editing])
-        t5, pooled, _ = flux.encode_prompt(prompt=[batch["prompt"][i] for i in editing],
-                                           prompt_2=[batch["t5_text"][i] for i in editing],
-                                           max_sequence_length=args.max_sequence_length)
+        encoded = {name: flux.encode_prompt(prompt=prompts, prompt_2=t5, max_sequence_length=args.max_sequence_length)[:2]
+                   for name, t5 in texts.items()}
         noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
-        ids = dict(img_ids=latent_ids(size // scale, size // scale), txt_ids=torch.zeros(t5.shape[1], 3))
+        ids = dict(img_ids=latent_ids(size // scale, size // scale), txt_ids=torch.zeros(args.max_sequence_length, 3))
         cond_ids = condition_ids(size, vae_scale_factor=scale, position=args.position)
-        print(f"{len(editing)} editing triplets from {shards}; corrector {lora} ({args.position})")
-        print(f"copying the flawed image as the prediction: latent MSE {((target - condition) ** 2).mean():.4f}")
-        print("   t | real condition | shuffled | none   | real / shuffled")
-        for t_value in args.times:
-            t = torch.full((len(editing),), t_value)
-            noisy = (1 - t_value) * target + t_value * noise
-            losses = {}
-            for name, cond in (("real", condition), ("shuffled", condition.roll(1, 0)), ("none", None)):
-                velocity = corrector_forward(
-                    transformer, hidden_states=noisy, encoder_hidden_states=t5, pooled_projections=pooled,
-                    timestep=t, cond_hidden_states=cond, cond_ids=cond_ids if cond is not None else None,
-                    lora_on_target=args.lora_on_target, **ids,
-                )
-                losses[name] = ((velocity - (noise - target)) ** 2).mean().item()
-            print(f"{t_value:4.1f} | {losses['real']:14.4f} | {losses['shuffled']:8.4f} | {losses['none']:6.4f} | "
-                  f"{losses['real'] / losses['shuffled']:.3f}x")
+        copy_mse = ((target - condition) ** 2).mean().item()
 
+        def loss(t_value: float, text: str, cond: torch.Tensor | None) -> float:
+            t5, pooled = encoded[text]
+            velocity = corrector_forward(
+                transformer, hidden_states=(1 - t_value) * target + t_value * noise, encoder_hidden_states=t5,
+                pooled_projections=pooled, timestep=torch.full((len(editing),), t_value), cond_hidden_states=cond,
+                cond_ids=cond_ids if cond is not None else None, lora_on_target=args.lora_on_target, **ids,
+            )
+            return ((velocity - (noise - target)) ** 2).mean().item()
+
+        print(f"{len(editing)} editing triplets from {shards}; corrector {lora} ({args.position})")
+        print("condition (T5 reads the prompt and the real reflection):")
+        print("   t | real condition | shuffled | none   | copy   | real / shuffled")
+        for t in args.times:
+            real, shuffled, none = (loss(t, "real", cond) for cond in (condition, condition.roll(1, 0), None))
+            print(f"{t:4.1f} | {real:14.4f} | {shuffled:8.4f} | {none:6.4f} | {copy_mse / t**2:6.4f} | "
+                  f"{real / shuffled:.3f}x")
+        print("reflection (the real condition):")
+        print("   t | real reflection | shuffled | prompt alone | real / shuffled")
+        for t in args.times:
+            real, shuffled, none = (loss(t, text, condition) for text in ("real", "shuffled", "none"))
+            print(f"{t:4.1f} | {real:15.4f} | {shuffled:8.4f} | {none:12.4f} | {real / shuffled:.3f}x")
 
 if __name__ == "__main__":
     main()
