@@ -52,7 +52,9 @@ def _word_counts(corpus: list[str], lower: bool) -> list[tuple[str, int]]:
 
 def build_tokenizers(corpus: list[str]):
     """A byte-level BPE CLIP tokenizer and a Unigram T5 tokenizer whose vocabularies are the words of
-    `corpus`: every corpus word is one token, any other text falls back to characters.
+    `corpus`: every corpus word is one T5 token (sentence punctuation its own), any other text falls back
+    to characters. CLIP's merges spell each word, but merges of more frequent words can win first ("green"
+    -> g, re, e, n): distinct words stay distinct sequences, not always single tokens.
 
     Built by rule, not by the `tokenizers` trainers (whose merges and scores vary run to run), so the
     same corpus always gives the same token ids.
