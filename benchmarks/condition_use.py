@@ -67,7 +67,7 @@ def main() -> None:
     datamodule = GenRefDataModule(f"{shards}/shapes-*.tar", batch_size=args.batch, num_workers=0, target_size=48,
                                   condition_size=48, resampled=False, shuffle_buffer=0,
                                   drop_text=0.0, drop_image=0.0, drop_reflection=0.0)
-    batch = next(iter(datamodule.train_dataloader()))
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)  # as Lightning: [-1, 1]
     editing = [i for i, subset in enumerate(batch["subset"]) if subset == "editing"]
     if len(editing) < 2:
         raise SystemExit(f"{shards}: fewer than 2 editing triplets in the first batch")
