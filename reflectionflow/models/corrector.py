@@ -85,9 +85,7 @@ def condition_ids(
     tokens) is added to axes 1 and 2 of the ids: rows stay, columns move left by that many tokens, so the
     condition sits beside the target rather than on top of it. Other VAEs shift by their own token width.
     `aligned`: the target's own ids (OminiControl's choice for spatially aligned conditions), so a condition
-    token and the target token at the same place share their position; a small model trained from scratch
-    learns to copy and edit this way within minutes and does not learn it from `beside` (the shapes
-    miniature, README).
+    token and the target token at the same place share their position (the shapes miniature's recipe).
     """
     check_option("condition_position", position, CONDITION_POSITIONS)
     latent = condition_size // vae_scale_factor
