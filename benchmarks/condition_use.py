@@ -57,7 +57,7 @@ def main() -> None:
     from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
     from reflectionflow.models.loading import load_flux_pipeline
     from reflectionflow.models.pipeline import encode_images
-    from reflectionflow.models.text import REFLECTION_SEPARATOR, t5_text
+    from reflectionflow.models.text import t5_text
 
     base = args.base or str(built_product("shapes_base"))
     lora = args.lora or str(built_product("shapes_corrector") / "lora")
@@ -75,7 +75,7 @@ def main() -> None:
     scale = flux.vae_scale_factor
     size = batch["image"].shape[-1]
     prompts = [batch["prompt"][i] for i in editing]
-    reflections = [batch["t5_text"][i].partition(REFLECTION_SEPARATOR)[2] for i in editing]
+    reflections = [batch["reflection"][i] for i in editing]
     texts = {
         "real": [t5_text(p, r) for p, r in zip(prompts, reflections, strict=True)],
         "shuffled": [t5_text(p, r) for p, r in zip(prompts, reflections[1:] + reflections[:1], strict=True)],

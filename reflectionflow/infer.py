@@ -67,13 +67,13 @@ def prompt_items(cfg: DictConfig) -> list[PromptItem]:
 def corrector_lora(cfg: DictConfig, reflects: bool) -> None:
     """A search without reflection rounds never calls the corrector, so its LoRA is neither resolved nor
     loaded (`${rf.recipe:shapes_corrector}` is not trained for a noise-only preset); a reflecting search
-    without one gets a warning."""
-    holders = (cfg.get("model"), cfg.generator)
-    nodes = [node for node in holders if node is not None and "lora_path" in node.keys()]  # `in` resolves
+    whose generator takes a LoRA but has none gets a warning. Keys are looked up with `node.keys()`:
+    `key in node` would resolve the value."""
     if not reflects:
-        for node in nodes:
-            node.lora_path = None
-    elif nodes and nodes[-1].lora_path is None:
+        for node in (cfg.get("model"), cfg.generator):
+            if node is not None and "lora_path" in node.keys():
+                node.lora_path = None
+    elif "lora_path" in cfg.generator.keys() and cfg.generator.lora_path is None:
         log.warning(
             "no corrector LoRA (model.lora_path=null): reflection rounds run the base model with an "
             "untrained condition stream; set model.lora_path to a reflection-tuned LoRA directory"

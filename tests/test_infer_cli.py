@@ -145,11 +145,14 @@ def test_only_a_reflecting_search_needs_the_corrector(caplog, resolved_recipes):
         noise = compose("infer", overrides=["experiment=shapes", "search=noise"])
         reflecting = compose("infer", overrides=["search=reflectionflow", "model.lora_path=/models/corrector"])
         unset = compose("infer", overrides=["search=reflectionflow", "model.lora_path=null"])
+        modelless = compose("infer", overrides=["search=reflectionflow", *DETERMINISTIC])
     corrector_lora(noise, reflects=False)
     assert noise.model.lora_path is None and noise.generator.lora_path is None
     assert resolved_recipes == []  # the shapes_corrector recipe is not trained for a noise search
     corrector_lora(reflecting, reflects=True)
     assert reflecting.generator.lora_path == "/models/corrector" and "no corrector LoRA" not in caplog.text
+    corrector_lora(modelless, reflects=True)  # the deterministic generator takes no LoRA
+    assert "no corrector LoRA" not in caplog.text
     corrector_lora(unset, reflects=True)
     assert "no corrector LoRA" in caplog.text
 
