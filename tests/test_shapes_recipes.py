@@ -109,3 +109,53 @@ def test_base_recipe_saves_a_flux_pipeline_the_project_loads(vae_product, tmp_pa
     assert flux.vae_scale_factor == 8 and flux.transformer.config.num_layers == 1
     metrics = json.loads((product / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["global_step"] == 2
+
+
+def test_a_pool_stream_reshuffles_the_same_keyed_examples_every_epoch():
+    from torch.utils.data import DataLoader
+
+    from reflectionflow.data.shapes.pairs import ShapesPairs
+
+    pool = ShapesPairs("train", 48, seed=3, pool_size=6)
+    stream = iter(pool)
+    epochs = [[next(stream) for _ in range(6)] for _ in range(3)]
+    orders = [[s["key"] for s in epoch] for epoch in epochs]
+    assert all(sorted(order) == list(range(6)) for order in orders) and len({tuple(o) for o in orders}) > 1
+    by_key = {s["key"]: s for s in epochs[0]}
+    for sample in epochs[1] + epochs[2]:  # an index is one example, whichever epoch draws it
+        assert sample["prompt"] == by_key[sample["key"]]["prompt"]
+        assert torch.equal(sample["image"], by_key[sample["key"]]["image"])
+    two_workers = DataLoader(pool, batch_size=None, num_workers=2)
+    first_epoch = [s["key"] for s, _ in zip(two_workers, range(6))]
+    assert sorted(first_epoch) == list(range(6))  # the workers split the pool, no index twice
+    with pytest.raises(ValueError, match="data.pool_size"):
+        ShapesPairs(pool_size=0)
+
+
+def test_cached_latents_equal_fresh_encodings_and_are_encoded_once(vae_product, monkeypatch):
+    from reflectionflow.data.shapes.pairs import ShapesPairs
+    from reflectionflow.models.text_to_image import TextToImageModule
+
+    _, vae = vae_product
+    tiny = dict(
+        transformer=dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+                         axes_dims_rope=[4, 6, 6]),
+        t5=dict(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8),
+        clip=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  projection_dim=16),
+    )
+    stream = iter(ShapesPairs("train", 48, seed=0, pool_size=4))
+    samples = [next(stream) for _ in range(4)]
+    batch = {"image": torch.stack([s["image"] for s in samples]), "key": torch.tensor([s["key"] for s in samples])}
+    fresh = TextToImageModule(str(vae), **tiny).latents(batch)
+    cached = TextToImageModule(str(vae), cache_latents=True, **tiny)
+    assert torch.equal(cached.latents(batch), fresh) and len(cached.latent_cache) == 4
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a cached example was encoded again")
+
+    monkeypatch.setattr(cached.pipe.vae, "encode", no_encoding)
+    reordered = {"image": batch["image"].flip(0), "key": batch["key"].flip(0)}
+    assert torch.equal(cached.latents(reordered), fresh.flip(0))
+    with pytest.raises(ValueError, match="data.pool_size"):
+        cached.latents({"image": batch["image"]})

@@ -1,8 +1,13 @@
 """(prompt, correct image) pairs of the training prompts, rendered on the fly: the VAE's and the base
-text-to-image model's training data. The stream is a pure function of (seed, worker), endless."""
+text-to-image model's training data. The stream is a pure function of (seed, worker), endless.
+
+With `pool_size` the stream cycles through a fixed pool of that many examples instead (a fresh shuffle per
+epoch); each sample carries its pool index as `key`, so a trainer can cache per-example work such as VAE
+latents (`TextToImageModule(cache_latents=True)`)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import lightning as L
@@ -30,32 +35,48 @@ def tensor_image(pixels: torch.Tensor):
 
 
 class ShapesPairs(IterableDataset):
-    def __init__(self, split: str = "train", image_size: int = DEFAULT_SIZE, seed: int = 0):
-        self.split, self.image_size, self.seed = split, image_size, seed
+    def __init__(
+        self, split: str = "train", image_size: int = DEFAULT_SIZE, seed: int = 0, pool_size: int | None = None
+    ):
+        if pool_size is not None and pool_size < 1:
+            raise ValueError(f"data.pool_size must be >= 1 or null (endless fresh examples), got {pool_size}")
+        self.split, self.image_size, self.seed, self.pool_size = split, image_size, seed, pool_size
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
-        rng = np.random.default_rng([self.seed, worker.id if worker else 0])
-        while True:
-            spec, scene = sample_example(rng, self.split)
-            yield {"image": image_tensor(render_scene(scene, self.image_size)), "prompt": spec.prompt}
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        if self.pool_size is None:
+            rng = np.random.default_rng([self.seed, worker_id])
+            while True:
+                spec, scene = sample_example(rng, self.split)
+                yield {"image": image_tensor(render_scene(scene, self.image_size)), "prompt": spec.prompt}
+        for epoch in itertools.count():
+            order = np.random.default_rng([self.seed, 1, epoch]).permutation(self.pool_size)
+            for index in order[worker_id::workers].tolist():
+                yield {**self.pool_example(index), "key": index}
+
+    def pool_example(self, index: int) -> dict:
+        """Pool example `index`: a pure function of (seed, split, index), whichever epoch or worker asks."""
+        spec, scene = sample_example(np.random.default_rng([self.seed, 2, index]), self.split)
+        return {"image": image_tensor(render_scene(scene, self.image_size)), "prompt": spec.prompt}
 
 
 class ShapesPairsDataModule(L.LightningDataModule):
     def __init__(
-        self, batch_size: int = 32, image_size: int = DEFAULT_SIZE, num_workers: int = 0, seed: int = 0
+        self,
+        batch_size: int = 32,
+        image_size: int = DEFAULT_SIZE,
+        num_workers: int = 0,
+        seed: int = 0,
+        pool_size: int | None = None,
     ):
         super().__init__()
-        self.batch_size, self.image_size, self.num_workers, self.seed = (
-            batch_size,
-            image_size,
-            num_workers,
-            seed,
-        )
+        self.dataset = ShapesPairs("train", image_size, seed, pool_size)  # checks pool_size now, not at fit
+        self.batch_size, self.num_workers = batch_size, num_workers
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            ShapesPairs("train", self.image_size, self.seed),
+            self.dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
         )
