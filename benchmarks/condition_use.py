@@ -8,13 +8,17 @@ The baseline is the same corrector with the conditions shuffled across the batch
 run: a real/shuffled ratio near 1.0 means the condition is ignored. `copy` is the loss of predicting the
 flawed image itself as the clean target (|x0 - condition|^2 / t^2): what merely copying would reach. The
 second table does the same for the reflection text (T5 reads the prompt with its own reflection, another
-sample's, or the prompt alone). Defaults are the shapes recipes' latest products in the cache
+sample's, or the prompt alone). The third shows where the target tokens' attention goes, per block: to
+the condition token that stands for their own place (a copier puts nearly all of it there), to an average
+other condition token, to all target and all text tokens. Defaults are the shapes recipes' latest products in the cache
 (`python -m reflectionflow.train experiment=shapes_corrector`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +40,26 @@ def latest_shards() -> str:
     if not built:
         raise SystemExit("no shapes triplet shards: run python -m reflectionflow.train experiment=shapes_corrector")
     return str(built[-1].parent)
+
+
+@contextlib.contextmanager
+def recorded_attention() -> Iterator[list[torch.Tensor]]:
+    """Head-averaged attention probabilities (B, queries, keys) of every joint attention call of the corrector
+    (union mode: queries and keys are [text | target | condition]), recorded around its attention function."""
+    from reflectionflow.models import corrector
+
+    attend, records = corrector._attend, []
+
+    def recording(attn, query, key, value):
+        scores = torch.einsum("bqhd,bkhd->bhqk", query.float(), key.float()) / query.shape[-1] ** 0.5
+        records.append(scores.softmax(-1).mean(1))
+        return attend(attn, query, key, value)
+
+    corrector._attend = recording
+    try:
+        yield records
+    finally:
+        corrector._attend = attend
 
 
 def main() -> None:
@@ -112,6 +136,21 @@ def main() -> None:
         for t in args.times:
             real, shuffled, none = (loss(t, text, condition) for text in ("real", "shuffled", "none"))
             print(f"{t:4.1f} | {real:15.4f} | {shuffled:8.4f} | {none:12.4f} | {real / shuffled:.3f}x")
+        n_text, n_image = args.max_sequence_length, target.shape[1]
+        print("attention of target tokens (real inputs; a uniform share is "
+              f"{1 / (n_text + 2 * n_image):.3f} per token):")
+        print("   t | block | own condition token | other condition token | all target | all text")
+        for t in args.times:
+            with recorded_attention() as records:
+                loss(t, "real", condition)
+            for block, probs in enumerate(records):
+                queries = probs[:, n_text:n_text + n_image]
+                on_condition = queries[:, :, n_text + n_image:]
+                own = torch.diagonal(on_condition, dim1=1, dim2=2).mean().item()
+                other = (on_condition.sum(-1).mean().item() - own) / (n_image - 1)
+                on_target = queries[:, :, n_text:n_text + n_image].sum(-1).mean().item()
+                print(f"{t:4.1f} | {block:5d} | {own:19.3f} | {other:21.3f} | {on_target:10.3f} | "
+                      f"{queries[:, :, :n_text].sum(-1).mean().item():8.3f}")
 
 if __name__ == "__main__":
     main()
