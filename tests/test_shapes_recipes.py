@@ -132,6 +132,24 @@ def test_a_pool_stream_reshuffles_the_same_keyed_examples_every_epoch():
         ShapesPairs(pool_size=0)
 
 
+def test_ddp_ranks_read_disjoint_slices_of_the_pool_and_distinct_streams(monkeypatch):
+    import torch.distributed as dist
+
+    from reflectionflow.data.shapes.pairs import ShapesPairs
+
+    def first(rank: int, n: int, pool_size: int | None) -> list:
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        stream = iter(ShapesPairs("train", 48, seed=0, pool_size=pool_size))
+        return [next(stream) for _ in range(n)]
+
+    keys = [{s["key"] for s in first(rank, 4, pool_size=8)} for rank in (0, 1)]
+    assert keys[0].isdisjoint(keys[1]) and keys[0] | keys[1] == set(range(8))
+    endless = [first(rank, 4, pool_size=None) for rank in (0, 1)]
+    assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(*endless))
+
+
 def test_cached_latents_equal_fresh_encodings_and_are_encoded_once(vae_product, monkeypatch):
     from reflectionflow.data.shapes.pairs import ShapesPairs
     from reflectionflow.models.text_to_image import TextToImageModule

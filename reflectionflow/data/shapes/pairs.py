@@ -34,6 +34,17 @@ def tensor_image(pixels: torch.Tensor):
     return Image.fromarray(array)
 
 
+def _reader_shard() -> tuple[int, int]:
+    """(this reader's index, number of readers) over DDP ranks x DataLoader workers: each reader draws its
+    own endless stream, or its own slice of every epoch of the pool."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    worker = get_worker_info()
+    worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+    return rank * workers + worker_id, world * workers
+
+
 class ShapesPairs(IterableDataset):
     def __init__(
         self, split: str = "train", image_size: int = DEFAULT_SIZE, seed: int = 0, pool_size: int | None = None
@@ -43,16 +54,15 @@ class ShapesPairs(IterableDataset):
         self.split, self.image_size, self.seed, self.pool_size = split, image_size, seed, pool_size
 
     def __iter__(self) -> Iterator[dict]:
-        worker = get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        shard, shards = _reader_shard()
         if self.pool_size is None:
-            rng = np.random.default_rng([self.seed, worker_id])
+            rng = np.random.default_rng([self.seed, shard])
             while True:
                 spec, scene = sample_example(rng, self.split)
                 yield {"image": image_tensor(render_scene(scene, self.image_size)), "prompt": spec.prompt}
         for epoch in itertools.count():
             order = np.random.default_rng([self.seed, 1, epoch]).permutation(self.pool_size)
-            for index in order[worker_id::workers].tolist():
+            for index in order[shard::shards].tolist():
                 yield {**self.pool_example(index), "key": index}
 
     def pool_example(self, index: int) -> dict:
