@@ -133,14 +133,11 @@ def test_a_pool_stream_reshuffles_the_same_keyed_examples_every_epoch():
 
 
 def test_ddp_ranks_read_disjoint_slices_of_the_pool_and_distinct_streams(monkeypatch):
-    import torch.distributed as dist
-
     from reflectionflow.data.shapes.pairs import ShapesPairs
 
     def first(rank: int, n: int, pool_size: int | None) -> list:
-        monkeypatch.setattr(dist, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun and Lightning's DDP launchers set them
+        monkeypatch.setenv("RANK", str(rank))
         stream = iter(ShapesPairs("train", 48, seed=0, pool_size=pool_size))
         return [next(stream) for _ in range(n)]
 

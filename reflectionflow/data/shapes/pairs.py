@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.utils import pytorch_worker_info
 
 from reflectionflow.data.shapes.render import render_scene
 from reflectionflow.data.shapes.sampling import sample_example
@@ -34,17 +35,6 @@ def tensor_image(pixels: torch.Tensor):
     return Image.fromarray(array)
 
 
-def _reader_shard() -> tuple[int, int]:
-    """(this reader's index, number of readers) over DDP ranks x DataLoader workers: each reader draws its
-    own endless stream, or its own slice of every epoch of the pool."""
-    import torch.distributed as dist
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    worker = get_worker_info()
-    worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-    return rank * workers + worker_id, world * workers
-
-
 class ShapesPairs(IterableDataset):
     def __init__(
         self, split: str = "train", image_size: int = DEFAULT_SIZE, seed: int = 0, pool_size: int | None = None
@@ -54,12 +44,14 @@ class ShapesPairs(IterableDataset):
         self.split, self.image_size, self.seed, self.pool_size = split, image_size, seed, pool_size
 
     def __iter__(self) -> Iterator[dict]:
-        shard, shards = _reader_shard()
+        # Each reader (DDP rank x DataLoader worker) draws its own endless stream, or its own slice of every
+        # epoch of the pool.
+        rank, world_size, worker, workers = pytorch_worker_info()
+        shard, shards = rank * workers + worker, world_size * workers
         if self.pool_size is None:
             rng = np.random.default_rng([self.seed, shard])
             while True:
-                spec, scene = sample_example(rng, self.split)
-                yield {"image": image_tensor(render_scene(scene, self.image_size)), "prompt": spec.prompt}
+                yield self._pair(rng)
         for epoch in itertools.count():
             order = np.random.default_rng([self.seed, 1, epoch]).permutation(self.pool_size)
             for index in order[shard::shards].tolist():
@@ -67,7 +59,10 @@ class ShapesPairs(IterableDataset):
 
     def pool_example(self, index: int) -> dict:
         """Pool example `index`: a pure function of (seed, split, index), whichever epoch or worker asks."""
-        spec, scene = sample_example(np.random.default_rng([self.seed, 2, index]), self.split)
+        return self._pair(np.random.default_rng([self.seed, 2, index]))
+
+    def _pair(self, rng: np.random.Generator) -> dict:
+        spec, scene = sample_example(rng, self.split)
         return {"image": image_tensor(render_scene(scene, self.image_size)), "prompt": spec.prompt}
 
 
