@@ -10,8 +10,8 @@ flawed image itself as the clean target (|x0 - condition|^2 / t^2): what merely 
 second table does the same for the reflection text (T5 reads the prompt with its own reflection, another
 sample's, or the prompt alone). The third shows where the target tokens' attention goes, per block: to
 the condition token that stands for their own place (a copier puts nearly all of it there), to an average
-other condition token, to all target and all text tokens. Defaults are the shapes recipes' latest products in the cache
-(`python -m reflectionflow.train experiment=shapes_corrector`).
+other condition token, to all target and all text tokens. Defaults are the shapes recipes' latest
+products in the cache (`python -m reflectionflow.train experiment=shapes_corrector`).
 """
 
 from __future__ import annotations

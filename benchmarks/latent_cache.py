@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from reflectionflow.data.shapes.pairs import ShapesPairs
+    from reflectionflow.data.shapes.pairs import ShapesPairsDataModule
     from reflectionflow.recipes import latest_product
 
     vae = args.vae or latest_product("shapes_vae")
@@ -62,12 +62,8 @@ def main() -> None:
         raise SystemExit("no shapes_vae product: run python -m reflectionflow.train experiment=shapes_vae")
     encoding, batch_size, pool_size = base_module(str(vae), cache_latents=False)
     cached, _, _ = base_module(str(vae), cache_latents=True)
-    pool = iter(ShapesPairs("train", 48, seed=0, pool_size=pool_size))
-    batches = []
-    for _ in range(args.batches):
-        samples = [next(pool) for _ in range(batch_size)]
-        batches.append({"image": torch.stack([s["image"] for s in samples]), "prompt": [s["prompt"] for s in samples],
-                        "key": torch.tensor([s["key"] for s in samples])})
+    loader = ShapesPairsDataModule(batch_size=batch_size, pool_size=pool_size).train_dataloader()
+    batches = list(itertools.islice(loader, args.batches))
     for batch in batches:
         cached.latents(batch)  # the pool's first epoch
     baseline = samples_per_second(encoding, batches, args.steps)
