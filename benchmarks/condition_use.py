@@ -78,10 +78,10 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from reflectionflow.data import GenRefDataModule
+    from reflectionflow.data.transforms import t5_text
     from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
     from reflectionflow.models.loading import load_flux_pipeline
     from reflectionflow.models.pipeline import encode_images
-    from reflectionflow.models.text import t5_text
 
     base = args.base or str(built_product("shapes_base"))
     lora = args.lora or str(built_product("shapes_corrector") / "lora")

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from reflectionflow.data.datamodule import GenRefDataModule
 from reflectionflow.data.synthetic import GENREF_SUBSETS, write_synthetic_shards
-from reflectionflow.models.text import t5_text
+from reflectionflow.data.transforms import t5_text
 
 TARGET, CONDITION = 256, 128
 WEIGHTS = {name: [0.25] for name in GENREF_SUBSETS}

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 def base_module(vae: str, cache_latents: bool):
     """The `experiment=shapes_base` module (its config composed, not copied) on the VAE at `vae`."""
-    from reflectionflow.models.text_to_image import TextToImageModule
+    from reflectionflow.shapes.base import TextToImageModule
 
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
@@ -54,8 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from reflectionflow.data.shapes.pairs import ShapesPairsDataModule
     from reflectionflow.recipes import latest_product
+    from reflectionflow.shapes.pairs import ShapesPairsDataModule
 
     vae = args.vae or latest_product("shapes_vae")
     if vae is None:

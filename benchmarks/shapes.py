@@ -16,7 +16,7 @@ import time
 import numpy as np
 from PIL import Image, ImageFilter
 
-from reflectionflow.data.shapes import check_image, make_flawed, render_scene, sample_example
+from reflectionflow.shapes.world import check_image, make_flawed, render_scene, sample_example
 
 
 def jpeg(quality: int):

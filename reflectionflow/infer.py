@@ -1,4 +1,4 @@
-"""`python -m reflectionflow.infer`: inference-time search over a prompt set (Hydra app, `conf/infer.yaml`).
+"""`python -m reflectionflow.infer`: inference-time search over a prompt set (`reflectionflow/conf/infer/`).
 
 Builds the search config, checks API keys and the prompt set, builds the API backends, then the generator
 (the heavy part), and runs the search into the Hydra run directory. Anything a user can fix is reported
@@ -20,9 +20,11 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
 
 from reflectionflow.config import redact_overrides
-from reflectionflow.models.loading import ModelNotFoundError
+from reflectionflow.models.loading import ModelNotFoundError, resolve_lora_path, resolve_model_path
+from reflectionflow.recipes import RecipeError, resolve_references
 from reflectionflow.search.config import SearchConfig
 from reflectionflow.search.engine import SearchEngine
 from reflectionflow.search.errors import FatalAPIError, SetupError
@@ -39,7 +41,7 @@ from reflectionflow.search.sharding import (
 from reflectionflow.search.wandb_logging import JobTracker, WandbSettings
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (SetupError, ModelNotFoundError, FatalAPIError)
+USER_ERRORS = (SetupError, ModelNotFoundError, FatalAPIError, RecipeError)
 # Hydra's per-job files (`hydra.output_subdir`, the job log) carry the shard suffix, so that shards sharing
 # a run directory never write the same file (conf/infer.yaml).
 OmegaConf.register_new_resolver("rf.shard_suffix", shard_suffix_resolver, replace=True)
@@ -66,18 +68,29 @@ def prompt_items(cfg: DictConfig) -> list[PromptItem]:
 
 def corrector_lora(cfg: DictConfig, reflects: bool) -> None:
     """A search without reflection rounds never calls the corrector, so its LoRA is neither resolved nor
-    loaded (`${rf.recipe:shapes_corrector}` is not trained for a noise-only preset); a reflecting search
+    loaded (`recipe://shapes_corrector` is not trained for a noise-only preset); a reflecting search
     whose generator takes a LoRA but has none gets a warning. Keys are looked up with `node.keys()`:
     `key in node` would resolve the value."""
     if not reflects:
-        for node in (cfg.get("model"), cfg.generator):
+        for node in (cfg.get("weights"), cfg.generator):
             if node is not None and "lora_path" in node.keys():
                 node.lora_path = None
     elif "lora_path" in cfg.generator.keys() and cfg.generator.lora_path is None:
         log.warning(
-            "no corrector LoRA (model.lora_path=null): reflection rounds run the base model with an "
-            "untrained condition stream; set model.lora_path to a reflection-tuned LoRA directory"
+            "no corrector LoRA (weights.lora_path=null): reflection rounds run the base model with an "
+            "untrained condition stream; set weights.lora_path to a reflection-tuned LoRA directory"
         )
+
+
+def check_weights(cfg: DictConfig) -> None:
+    """The generator's model and LoRA exist (hub ids resolve), before anything heavy: missing recipe
+    products (`recipe://...`) are trained first, each announced in one line."""
+    resolve_references(cfg)
+    if "model_path" not in cfg.generator.keys():
+        return  # a generator without weights (deterministic)
+    resolve_model_path(cfg.generator.model_path, "weights.path")
+    if cfg.generator.get("lora_path"):
+        resolve_lora_path(cfg.generator.lora_path, "weights.lora_path")
 
 
 def loggable_config(cfg: DictConfig) -> dict[str, Any]:
@@ -138,6 +151,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     mine = [item.index for item in shard(items, shard_index, num_shards)]
     checker = build(cfg.checker, "checker") if cfg.get("checker") is not None else None
     backends = {name: build(cfg[name], name) for name in needed}
+    check_weights(cfg)
     job = describe_job(cfg, hydra_cfg)
     extra = {"search": search.to_dict(), "shard": {"index": shard_index, "count": num_shards}}
     tracker = start_tracker(cfg, hydra_cfg, run_dir, job, extra) if cfg.wandb.enabled else None
@@ -200,13 +214,15 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
+@hydra.main(version_base="1.3", config_path="conf/infer", config_name="infer")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
         result = run(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg)
     except USER_ERRORS as err:
         raise SystemExit(f"error: {err}") from None
+    except MissingMandatoryValue as err:
+        raise SystemExit(f"error: {err.full_key} must be set (it is ??? in the config)") from None
     return result["mean_score"]
 
 

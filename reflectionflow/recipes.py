@@ -1,34 +1,63 @@
-"""Cached training recipes: a training run whose product (a model directory) is reused when its config is
-unchanged, and recipes that depend on each other through the `${rf.recipe:<experiment>}` resolver.
+"""Cached training recipes: model products built by an explicit step, never inside a config resolver.
 
-An experiment with a `recipe: <name>` key writes its product (the module's `export(dir)`) to
-`<cache_dir>/recipes/<name>-<hash of model/data/trainer/callbacks/seed config>/`; a second run with the same config
-finds it there and trains nothing. `${rf.recipe:shapes_vae}` in a config resolves to the product of
-`python -m reflectionflow.train experiment=shapes_vae`, running it first (in a child process, with its own
-progress bar) if it is not cached, so `python -m reflectionflow.infer experiment=shapes` chains every
-recipe it needs. A dependency's product directory name carries its own hash, so a changed dependency
-changes the key of everything built on it.
+A train experiment with a `recipe:` node (`name`, expected `minutes` on 2 CPU cores) exports its product (the
+module's `export(dir)`) to `<cache_dir>/recipes/<name>-<hash>/`, the hash taken over everything that shapes
+the weights (model, data, trainer, callbacks, seed and `RECIPE_VERSION`); a second run with the same config
+trains nothing. Other configs name a product by the plain string `recipe://<name>[/<path inside>]`, so
+`--cfg job`, `--help` and `--info` show the reference and train nothing. An app resolves the references of
+its config before it loads any model (`resolve_references`): each missing product is announced in one line
+and built by a child `python -m reflectionflow.train experiment=<name>` whose run directory is
+`<product>/run`, dependencies first. `python -m reflectionflow.recipes build <name>` does the same by
+hand after printing the plan; `python -m reflectionflow.recipes list` shows what is built.
 """
 
 from __future__ import annotations
 
-import functools
+import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
+REFERENCE = "recipe://"
 DONE = "DONE"
+TRAIN_CONFIG_MODULE = "reflectionflow.conf.train"
 
 RECIPE_VERSION = 2
 """Part of every product's key; bumped when code changes what the same config trains (2: T5 vocabulary
 without sentence punctuation), so stale products are rebuilt instead of reused."""
+
+
+class RecipeError(RuntimeError):
+    """A recipe that does not exist or whose training failed; the message names the command."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe as the current configs define it: where its product goes and whether it is there."""
+
+    name: str
+    product: Path
+    minutes: float | None
+
+    @property
+    def built(self) -> bool:
+        return is_built(self.product)
+
+    def describe(self) -> str:
+        minutes = f"~{self.minutes:g} min" if self.minutes is not None else "time unknown"
+        return f"{self.name} ({minutes}) -> {self.product}"
 
 
 def recipes_dir() -> Path:
@@ -38,9 +67,9 @@ def recipes_dir() -> Path:
 
 
 def product_dir(cfg: DictConfig) -> Path | None:
-    """Where this run's product goes, or None for a run without `recipe`."""
-    name = cfg.get("recipe")
-    if not name:
+    """Where a train config's product goes, or None for a run without `recipe`; references resolved."""
+    recipe = cfg.get("recipe")
+    if not recipe:
         return None
     keyed = {  # everything that shapes the weights, callbacks included (weight averaging)
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -51,34 +80,199 @@ def product_dir(cfg: DictConfig) -> Path | None:
         "version": RECIPE_VERSION,
     }
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return recipes_dir() / f"{name}-{digest}"
+    return recipes_dir() / f"{recipe.name}-{digest}"
 
 
 def is_built(product: Path) -> bool:
     return (product / DONE).is_file()
 
 
-def latest_product(name: str) -> Path | None:
-    """The product `${rf.recipe:<name>}` returns now (the last one built or reused), None before any."""
-    marker = recipes_dir() / f"{name}.latest"
-    return Path(marker.read_text().strip()) if marker.is_file() else None
-
-
-def mark_built(name: str, product: Path) -> None:
-    """Seal a finished product and make it the recipe's latest (what `${rf.recipe:name}` returns)."""
+def mark_built(product: Path) -> None:
+    """Seal a finished product: only a sealed product is ever reused."""
     (product / DONE).write_text("")
-    (recipes_dir() / f"{name}.latest").write_text(str(product))
 
 
-@functools.cache
-def build_recipe(experiment: str) -> str:
-    """The product directory of `experiment=<experiment>`, trained first if not cached (child process)."""
-    command = [sys.executable, "-m", "reflectionflow.train", f"experiment={experiment}"]
-    log.info("recipe %s: %s", experiment, " ".join(command))
-    done = subprocess.run(command, check=False)
-    if done.returncode:
-        raise RuntimeError(f"recipe {experiment} failed (exit {done.returncode}): {' '.join(command)}")
-    return str(latest_product(experiment))
+# ------------------------------------------------------------------------------------------------------
+# References
 
 
-OmegaConf.register_new_resolver("rf.recipe", build_recipe, replace=True)
+def references(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(dotted key, `recipe://...` string) of every literal reference in `cfg` (interpolations that point
+    at one follow it once it is replaced), outside the `hydra` node."""
+    found: list[tuple[str, str]] = []
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}.{i}")
+        elif isinstance(node, str) and node.startswith(REFERENCE):
+            found.append((key, node))
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    walk(container, "")
+    return found
+
+
+def split_reference(reference: str) -> tuple[str, str]:
+    """`recipe://shapes_corrector/lora` -> ("shapes_corrector", "lora")."""
+    name, _, inside = reference.removeprefix(REFERENCE).partition("/")
+    if not name:
+        raise RecipeError(f"{reference!r} names no recipe; expected recipe://<name>[/<path>]")
+    return name, inside
+
+
+def _set(cfg: DictConfig, key: str, value: str) -> None:
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, value, merge=False)
+
+
+def resolve_references(cfg: DictConfig, build: bool = True) -> list[Recipe]:
+    """Replace every `recipe://` reference in `cfg` by its product path; with `build`, first train each
+    missing product (dependencies first), announcing each in one line. Returns the recipes, in build order."""
+    found = references(cfg)
+    known: dict[str, Recipe] = {}
+    needed = plan([split_reference(value)[0] for _, value in found], known)
+    if build:
+        build_missing(needed)
+    for key, value in found:
+        name, inside = split_reference(value)
+        _set(cfg, key, str(known[name].product / inside) if inside else str(known[name].product))
+    return needed
+
+
+# ------------------------------------------------------------------------------------------------------
+# Planning and building
+
+
+@contextlib.contextmanager
+def _own_hydra() -> Iterator[None]:
+    """Hydra's compose API in a process that may be inside a running Hydra app (whose global state is
+    set aside and restored)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    global_hydra = GlobalHydra.instance()
+    running = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
+    try:
+        with initialize_config_module(TRAIN_CONFIG_MODULE, version_base="1.3"):
+            yield
+    finally:
+        global_hydra.clear()
+        if running is not None:
+            global_hydra.initialize(running)
+
+
+def train_experiments() -> list[str]:
+    from importlib import resources
+
+    folder = resources.files(TRAIN_CONFIG_MODULE).joinpath("experiment")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def compose_experiment(name: str) -> DictConfig:
+    """The train config of `experiment=<name>`, references not yet resolved."""
+    from hydra import compose
+
+    if name not in train_experiments():
+        raise RecipeError(f"no train experiment {name!r}; experiments: {', '.join(train_experiments())}")
+    with _own_hydra():
+        return compose("train", overrides=[f"experiment={name}"])
+
+
+def plan(names: list[str], known: dict[str, Recipe] | None = None) -> list[Recipe]:
+    """The recipes `names` as the configs define them now, and everything they depend on, dependencies
+    first, each once (no training). `known` collects every recipe met, by name."""
+    known = {} if known is None else known
+    ordered: list[Recipe] = []
+
+    def visit(name: str) -> Recipe:
+        if name not in known:
+            cfg = compose_experiment(name)
+            if not cfg.get("recipe"):
+                raise RecipeError(f"train experiment {name!r} is not a recipe (it has no recipe: node)")
+            for key, value in references(cfg):
+                dependency, inside = split_reference(value)
+                product = visit(dependency).product
+                _set(cfg, key, str(product / inside) if inside else str(product))
+            known[name] = Recipe(name, product_dir(cfg), cfg.recipe.get("minutes"))
+        if known[name] not in ordered:
+            ordered.append(known[name])
+        return known[name]
+
+    for name in names:
+        visit(name)
+    return ordered
+
+
+def recipe(name: str) -> Recipe:
+    """One recipe as configured now (its product path; nothing is trained)."""
+    return plan([name])[-1]
+
+
+@contextlib.contextmanager
+def _build_lock(product: Path) -> Iterator[None]:
+    """One builder per product across processes (parallel sweep jobs): the others wait, then reuse it."""
+    product.parent.mkdir(parents=True, exist_ok=True)
+    with open(product.with_name(product.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def build_missing(recipes: list[Recipe]) -> None:
+    """Train every recipe of `recipes` whose product is missing, in order, in child processes."""
+    for item in recipes:
+        if item.built:
+            continue
+        log.warning("training missing recipe %s", item.describe())
+        with _build_lock(item.product):
+            if item.built:  # another process built it while this one waited
+                continue
+            command = [sys.executable, "-m", "reflectionflow.train", f"experiment={item.name}",
+                       f"hydra.run.dir={item.product / 'run'}"]
+            done = subprocess.run(command, check=False)
+            if done.returncode or not item.built:
+                raise RecipeError(f"recipe {item.name} failed (exit {done.returncode}): {' '.join(command)}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# python -m reflectionflow.recipes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m reflectionflow.recipes", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="train a recipe's missing products (dependencies first)")
+    build.add_argument("names", nargs="+", help="recipes, e.g. shapes_corrector")
+    commands.add_parser("list", help="every recipe, its product directory and whether it is built")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "list":
+            for name in train_experiments():
+                if compose_experiment(name).get("recipe"):
+                    item = recipe(name)
+                    print(f"{'built  ' if item.built else 'missing'}  {item.describe()}")
+            return
+        needed = plan(args.names)
+        missing = [item for item in needed if not item.built]
+        for item in needed:
+            print(f"{'train' if not item.built else 'reuse'}  {item.describe()}")
+        if missing:
+            total = sum(item.minutes or 0 for item in missing)
+            print(f"training {len(missing)} recipe(s), about {total:g} minutes on 2 CPU cores")
+        build_missing(needed)
+        print(needed[-1].product)
+    except RecipeError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """Reflection tuning: `python -m reflectionflow.train experiment=genref` (or `experiment=tiny` on a CPU).
 
-Composes `conf/train.yaml`, checks the cheap things first (strategy, model path, shards) so bad input
-fails in one line before any model loads, then builds everything with `hydra.utils.instantiate` and runs
-a Lightning `Trainer.fit`. `resume=true` continues from `<run dir>/checkpoints/last.ckpt`.
+Composes `reflectionflow/conf/train/train.yaml`, resolves `recipe://` references (training missing recipes
+first), checks the cheap things (strategy, model path, shards) so bad input fails in one line before any
+model loads, then builds everything with `hydra.utils.instantiate` and runs a Lightning `Trainer.fit`. `resume=true` continues from `<run dir>/checkpoints/last.ckpt`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from reflectionflow.config import ConfigError, redact_secrets
-from reflectionflow.recipes import is_built, mark_built, product_dir
+from reflectionflow.recipes import RecipeError, is_built, mark_built, product_dir, resolve_references
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,11 @@ def train(cfg: DictConfig, extra_callbacks=()):
     """
     import lightning as L
 
+    resolve_references(cfg)  # recipe://<name> -> the product's path, trained first if missing
     check_config(cfg)
-    product = product_dir(cfg)  # recipes (`recipe: <name>`): a cached product skips training
+    product = product_dir(cfg)  # recipes (`recipe:` node): a cached product skips training
     if product is not None and is_built(product):
-        log.info("recipe %s: reusing %s", cfg.recipe, product)
-        mark_built(cfg.recipe, product)
+        log.info("recipe %s: reusing %s", cfg.recipe.name, product)
         return None
     run_dir = Path(cfg.paths.run_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -102,18 +102,18 @@ def train(cfg: DictConfig, extra_callbacks=()):
     trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, run_dir))
     if product is not None and trainer.is_global_zero:
         model.export(product)
-        mark_built(cfg.recipe, product)
+        mark_built(product)
     return trainer
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf/train", config_name="train")
 def main(cfg: DictConfig) -> None:
     from reflectionflow.data.sources import ShardSourceError
     from reflectionflow.models.loading import ModelNotFoundError
 
     try:
         train(cfg)
-    except (ConfigError, ModelNotFoundError, ShardSourceError) as err:
+    except (ConfigError, ModelNotFoundError, ShardSourceError, RecipeError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

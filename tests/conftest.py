@@ -1,4 +1,4 @@
-"""Test environment: one thread, offline hubs and W&B, a session-wide tiny FLUX pipeline."""
+"""Test environment: one thread, offline hubs and W&B; the apps' real configs; a session-wide tiny FLUX."""
 
 import os
 
@@ -10,8 +10,24 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def compose_app(app: str, *overrides: str, hydra_node: bool = False) -> DictConfig:
+    """The config `python -m reflectionflow.<app> <overrides>` would run with (`hydra_node`: with the
+    `hydra` node, e.g. the sweeper's params)."""
+    with initialize_config_module(f"reflectionflow.conf.{app}", version_base="1.3"):
+        return compose(app, overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+@pytest.fixture
+def compose_config():
+    """`compose_config(app, *overrides)`: an app's real composed config (as lightning-hydra-template's
+    conftest provides); `app` is "train" or "infer"."""
+    return compose_app
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,15 @@
 """GenRefDataModule under a real Lightning Trainer: global-step schedule, checkpointed position, exact resume;
 and the shipped data configs."""
 
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from reflectionflow.data.datamodule import GenRefDataModule
 from reflectionflow.data.sources import ShardSourceError
 from reflectionflow.data.synthetic import write_synthetic_shards
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 class Probe(L.LightningModule):
@@ -110,10 +105,9 @@ def test_validation_samples_are_the_first_samples_of_the_validation_shards(tmp_p
     assert all(s["t5_text"] == f"{s['prompt']} [Reflexion] {s['reflection']}" for s in samples)
 
 
-def test_synthetic_config_builds_cached_shards_and_batches(tmp_path, monkeypatch):
+def test_synthetic_config_builds_cached_shards_and_batches(tmp_path, monkeypatch, compose_config):
     monkeypatch.setenv("REFLECTIONFLOW_CACHE", str(tmp_path))
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["data=synthetic"])
+    cfg = compose_config("train", "data=synthetic")
     datamodule = instantiate(cfg.data)
     assert str(tmp_path / "synthetic-genref") in datamodule.shards
     datamodule.check()
@@ -126,9 +120,8 @@ def test_synthetic_config_builds_cached_shards_and_batches(tmp_path, monkeypatch
     assert len(datamodule.validation_samples()) == cfg.data.num_val_samples
 
 
-def test_genref_config_has_the_paper_schedule_and_checks_its_source(monkeypatch):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["data=genref", "data.shards=pipe:exit 1"])
+def test_genref_config_has_the_paper_schedule_and_checks_its_source(compose_config):
+    cfg = compose_config("train", "data=genref", "data.shards=pipe:exit 1")
     datamodule = instantiate(cfg.data)
     assert (datamodule.target_size, datamodule.condition_size) == (1024, 512)
     assert datamodule.subset_weights(0) == pytest.approx(

@@ -9,7 +9,7 @@ import torch
 import reflectionflow.data.stream as stream_module
 from reflectionflow.data.datamodule import GenRefDataModule
 from reflectionflow.data.synthetic import GENREF_SUBSETS, write_synthetic_shards
-from reflectionflow.models.text import t5_text
+from reflectionflow.data.transforms import t5_text
 
 RATIOS = {"general": [0.1, 0.4], "length": [0.2, 0.3], "rule": [0.3, 0.3], "editing": [0.4, 0.0]}
 

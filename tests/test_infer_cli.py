@@ -6,18 +6,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from helpers.chat_server import ScriptedChatServer
-from hydra import compose, initialize_config_dir
+from helpers.cli import ROOT, cli_command, cli_env, run_cli
 from hydra.utils import instantiate
 
 from reflectionflow.search.config import SearchConfig, planned_cost
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-proj-RFTEST-5b1d9c0e7f-should-never-be-written"
 DETERMINISTIC = [
     "generator=deterministic",
@@ -27,17 +25,8 @@ DETERMINISTIC = [
 ]
 
 
-def infer(*overrides: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"} | (env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "reflectionflow.infer", "progress=false", *overrides],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        **kwargs,
-    )
+def infer(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run_cli("infer", "progress=false", *overrides, env=env, timeout=120)
 
 
 def test_api_key_never_reaches_the_run_directory(tmp_path):
@@ -69,7 +58,7 @@ def test_missing_key_fails_at_start_with_one_line(tmp_path):
     done = infer(
         "search=noise",
         "verifier=openai",
-        "model.path=/nonexistent/flux",
+        "weights.path=/nonexistent/flux",
         "generator=deterministic",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
@@ -107,48 +96,34 @@ def test_hostile_cli_prompt_stays_inside(tmp_path):
     assert record == {"prompt": "../../x ${oc.env:HOME}"}
 
 
-def test_presets_compose_and_match_budgets():
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for preset, axes in {
-            "noise": (True, False, False),
-            "noise_prompt": (True, True, False),
-            "reflectionflow": (True, True, True),
-            "zero_order": (True, False, False),
-        }.items():
-            cfg = compose("infer", overrides=[f"search={preset}", "verifier=vlm"])
-            search = instantiate(cfg.search)
-            assert isinstance(search, SearchConfig)
-            assert (search.axes.noise, search.axes.prompt, search.axes.reflection) == axes
-            assert planned_cost(search)["images"] == 8
-        cfg = compose("infer", overrides=["search=zero_order", "search.width=4", "search.axes.noise=true"])
-        assert instantiate(cfg.search).strategy == "zero_order"
-        assert cfg.verifier.chat.api_key_env == "OPENAI_API_KEY"
+def test_presets_compose_and_match_budgets(compose_config):
+    for preset, axes in {
+        "noise": (True, False, False),
+        "noise_prompt": (True, True, False),
+        "reflectionflow": (True, True, True),
+        "zero_order": (True, False, False),
+    }.items():
+        cfg = compose_config("infer", f"search={preset}", "verifier=vlm")
+        search = instantiate(cfg.search)
+        assert isinstance(search, SearchConfig)
+        assert (search.axes.noise, search.axes.prompt, search.axes.reflection) == axes
+        assert planned_cost(search)["images"] == 8
+    cfg = compose_config("infer", "search=zero_order", "search.width=4", "search.axes.noise=true")
+    assert instantiate(cfg.search).strategy == "zero_order"
+    assert cfg.verifier.chat.api_key_env == "OPENAI_API_KEY"
 
 
-@pytest.fixture()
-def resolved_recipes():
-    """The recipes `${rf.recipe:...}` was asked for during the test (none is trained)."""
-    from omegaconf import OmegaConf
-
-    from reflectionflow import recipes
-
-    asked: list[str] = []
-    OmegaConf.register_new_resolver("rf.recipe", lambda name: asked.append(name) or "/unbuilt", replace=True)
-    yield asked
-    OmegaConf.register_new_resolver("rf.recipe", recipes.build_recipe, replace=True)
-
-
-def test_only_a_reflecting_search_needs_the_corrector(caplog, resolved_recipes):
+def test_only_a_reflecting_search_needs_the_corrector(caplog, compose_config):
     from reflectionflow.infer import corrector_lora
+    from reflectionflow.recipes import references
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        noise = compose("infer", overrides=["experiment=shapes", "search=noise"])
-        reflecting = compose("infer", overrides=["search=reflectionflow", "model.lora_path=/models/corrector"])
-        unset = compose("infer", overrides=["search=reflectionflow", "model.lora_path=null"])
-        modelless = compose("infer", overrides=["search=reflectionflow", *DETERMINISTIC])
+    noise = compose_config("infer", "experiment=shapes", "search=noise")
+    reflecting = compose_config("infer", "search=reflectionflow", "weights.lora_path=/models/corrector")
+    unset = compose_config("infer", "search=reflectionflow", "weights.lora_path=null")
+    modelless = compose_config("infer", "search=reflectionflow", *DETERMINISTIC)
     corrector_lora(noise, reflects=False)
-    assert noise.model.lora_path is None and noise.generator.lora_path is None
-    assert resolved_recipes == []  # the shapes_corrector recipe is not trained for a noise search
+    assert noise.weights.lora_path is None and noise.generator.lora_path is None
+    assert references(noise) == [("weights.path", "recipe://shapes_base")]  # no shapes_corrector recipe
     corrector_lora(reflecting, reflects=True)
     assert reflecting.generator.lora_path == "/models/corrector" and "no corrector LoRA" not in caplog.text
     corrector_lora(modelless, reflects=True)  # the deterministic generator takes no LoRA
@@ -188,15 +163,9 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path):
 
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "reflectionflow.infer",
-            "progress=false",
-            *common,
-            f"hydra.run.dir={killed_dir}",
-        ],
+        cli_command("infer", "progress=false", *common, f"hydra.run.dir={killed_dir}"),
         cwd=ROOT,
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

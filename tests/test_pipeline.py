@@ -10,8 +10,8 @@ from reflectionflow.models.corrector import corrector_forward, latent_ids
 from reflectionflow.models.loading import ModelNotFoundError, load_flux_pipeline
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict, save_lora
 from reflectionflow.models.pipeline import ReflectionFluxPipeline
-from reflectionflow.models.text_to_image import shapes_corpus
 from reflectionflow.models.tiny import build_tiny_flux, build_tokenizers
+from reflectionflow.shapes.base import shapes_corpus
 
 PROMPT = "a photo of a red bench"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from reflectionflow.data.shapes import (
+from reflectionflow.shapes.world import (
     ObjectRequirement,
     PromptSpec,
     Scene,

@@ -4,23 +4,21 @@ results, the scaling table and the plot (tiny budgets, untrained model and LoRA)
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers.cli import run_cli
 from PIL import Image
 
-from reflectionflow.data.shapes import PromptSpec, render_scene, sample_scene
-from reflectionflow.search.shapes import ShapesChecker, ShapesPromptRefiner, ShapesVerifier, shapes_prompts
+from reflectionflow.shapes.search import ShapesChecker, ShapesPromptRefiner, ShapesVerifier, shapes_prompts
+from reflectionflow.shapes.world import PromptSpec, all_specs, render_scene, sample_scene
 
 
 @pytest.fixture(scope="module")
 def shapes_flux(tmp_path_factory):
     """An untrained shapes FluxPipeline (8x VAE as the recipe's, toy transformer) in diffusers format."""
-    from reflectionflow.models.autoencoder import build_autoencoder
-    from reflectionflow.models.text_to_image import build_flux_pipeline
+    from reflectionflow.shapes.base import build_flux_pipeline
+    from reflectionflow.shapes.vae import build_autoencoder
 
     root = tmp_path_factory.mktemp("flux")
     build_autoencoder((8, 8, 8, 8), 16, 1, 4).save_pretrained(root / "vae-product" / "vae")
@@ -67,27 +65,25 @@ def test_backends_judge_a_correct_render_correct():
     refined = asyncio.run(
         ShapesPromptRefiner().refine(blank, item.prompt, score, None, goal=item.prompt, meta=item.record)
     )
-    assert refined.text != item.prompt  # the same scene in other words:
-    assert ShapesChecker().check(image, {**item.record, "prompt": item.prompt})
+    (rephrased,) = [s for s in all_specs(spec.tag) if s.prompt == refined.text]
+    assert refined.text != item.prompt and rephrased.canonical_key == spec.canonical_key  # other words
+    assert ShapesChecker().check(image, rephrased.to_geneval())  # for the same scene
 
 
 def test_shapes_experiment_writes_results_table_and_plot(tmp_path, shapes_flux, shapes_lora):
-    env = dict(os.environ, OMP_NUM_THREADS="1", REFLECTIONFLOW_CACHE=str(tmp_path / "cache"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "reflectionflow.infer",
+    result = run_cli(
+        "infer",
         "experiment=shapes",
-        f"model.path={shapes_flux}",
-        f"model.lora_path={shapes_lora}",
+        f"weights.path={shapes_flux}",
+        f"weights.lora_path={shapes_lora}",
         "prompts.n_per_category=1",
         "generator.num_inference_steps=2",
         "progress=false",
         "search=noise,reflectionflow,reflectionflow_no_condition",
         "search.budget=1,2",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        cache=tmp_path / "cache",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = sorted((tmp_path / "sweep").glob("*/result.json"))
     assert len(results) == 6  # 3 presets x budgets 1, 2
@@ -95,7 +91,8 @@ def test_shapes_experiment_writes_results_table_and_plot(tmp_path, shapes_flux, 
     for path in results:
         job = json.loads(path.read_text())
         presets.add(job["preset"])
-        assert job["prompts"] == 6 and job["checked"] == 6 and 0.0 <= job["accuracy"] <= 1.0
+        correct = [prompt["correct"] for prompt in job["per_prompt"]]
+        assert job["prompts"] == 6 and job["checked"] == 6 and job["accuracy"] == sum(correct) / 6
         assert job["search"]["stop_score"] == 1.0
         images = sum(json.loads(p.read_text())["budget"]["images"] for p in path.parent.glob("*/search.json"))
         assert images == job["budget"]["images"] <= 6 * job["search_budget"]  # the stop spends at most the budget

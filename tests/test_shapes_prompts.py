@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from reflectionflow.data.shapes import (
+from reflectionflow.shapes.world import (
     CATEGORIES,
     ObjectRequirement,
     PromptSpec,

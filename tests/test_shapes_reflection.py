@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reflectionflow.data.shapes import (
+from reflectionflow.shapes.world import (
     CATEGORIES,
     EXPECTED_PROBLEMS,
     FLAWS,
@@ -25,8 +25,8 @@ from reflectionflow.data.shapes import (
     sample_example,
     split_specs,
 )
-from reflectionflow.data.shapes.edits import Add, Change, Move, ObjectRef, Remove
-from reflectionflow.data.shapes.sampling import sample_scene
+from reflectionflow.shapes.world.edits import Add, Change, Move, ObjectRef, Remove
+from reflectionflow.shapes.world.sampling import sample_scene
 
 
 def _cases(per_flaw: int, seed: int):

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import webdataset as wds
 
-from reflectionflow.data.shapes import (
+from reflectionflow.shapes.triplets import write_genref_shards
+from reflectionflow.shapes.world import (
     PromptSpec,
     apply_reflection,
     check_image,
@@ -16,7 +17,6 @@ from reflectionflow.data.shapes import (
     render_scene,
     rendered_triplets,
     sample_example,
-    write_genref_shards,
 )
 
 GENREF_KEYS = {"good_image.jpg", "bad_image.jpg", "reflection.txt", "prompt.txt", "subset.txt"}

@@ -3,17 +3,17 @@
 import csv
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_app
+from helpers.cli import cli_command, cli_env
+from helpers.cli import run_cli as run_app
 from safetensors.torch import load_file
 
 from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 FAST = ["experiment=tiny", "trainer.log_every_n_steps=1", "model.lora_rank=4", "validation.num_inference_steps=2"]
 
 
@@ -31,18 +31,14 @@ def cache(tmp_path_factory):
 
 
 def run_cli(run_dir, *overrides, cache, timeout=600):
-    env = dict(os.environ, REFLECTIONFLOW_CACHE=str(cache), OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    cmd = [sys.executable, "-m", "reflectionflow.train", *FAST, f"hydra.run.dir={run_dir}", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    return run_app("train", *FAST, f"hydra.run.dir={run_dir}", *overrides, cache=cache, timeout=timeout)
 
 
 def run_in_process(run_dir, *overrides):
     """`python -m reflectionflow.train ...` without a new interpreter: compose the real config, then train."""
     from reflectionflow.train import train
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[*FAST, f"paths.run_dir={run_dir}", *overrides])
-    return train(cfg)
+    return train(compose_app("train", *FAST, f"paths.run_dir={run_dir}", *overrides))
 
 
 def losses(metrics_csv: Path) -> dict[int, float]:
@@ -171,10 +167,9 @@ def test_resume_after_the_process_was_killed(tmp_path, cache):
     straight = run_cli(tmp_path / "straight", *common, cache=cache)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    env = dict(os.environ, REFLECTIONFLOW_CACHE=str(cache), OMP_NUM_THREADS="1")
     killed_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "reflectionflow.train", *FAST, f"hydra.run.dir={killed_dir}", *common]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = cli_command("train", *FAST, f"hydra.run.dir={killed_dir}", *common)
+    process = subprocess.Popen(cmd, env=cli_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (killed_dir / "checkpoints" / "step-0000004.ckpt").exists():
         assert process.poll() is None and time.monotonic() < deadline, "run ended before its step-4 checkpoint"

@@ -27,8 +27,7 @@ from torch.utils.data import DataLoader
 from reflectionflow.data.schedule import SubsetSchedule
 from reflectionflow.data.sources import SKIP_REASONS, check_shards, read_shard
 from reflectionflow.data.stream import GenRefStream
-from reflectionflow.data.transforms import DECODE_ERRORS, DropRates, decode_pair, to_model_range
-from reflectionflow.models.text import t5_text
+from reflectionflow.data.transforms import DECODE_ERRORS, DropRates, decode_pair, t5_text, to_model_range
 
 
 class GenRefDataModule(L.LightningDataModule):

@@ -6,6 +6,10 @@ recoloured, moved or missing), `flawed_scale` times the good image's size (1: eq
 other values exercise the pipeline's resize-to-good step). The reflection is the imperative fix
 ("Change the blue circle to red."). Used by tests, benchmarks and the embedded tiny experiment.
 
+Why not the shapes world (`reflectionflow.shapes`): these shards test the GenRef reader, not the method,
+so they need what the world never makes (non-square and differently sized flawed/good pairs, free
+positions, all four GenRef subsets, broken samples), and the core never imports the miniature.
+
 `broken={kind: count}` adds samples broken in one of the ways the reader must survive, keyed
 `<shard>-broken-<kind>-<i>` so tests can tell them apart. The kinds are the reader's skip reasons:
 `corrupt_jpeg` (a truncated JPEG), `missing_key` (no `bad_image.jpg`), `empty_member` (zero-byte

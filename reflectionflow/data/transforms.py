@@ -23,10 +23,19 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from reflectionflow.models.text import t5_text
-
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 MIN_REFLECTION_CHARS = 5
+REFLECTION_SEPARATOR = " [Reflexion] "
+
+
+def t5_text(prompt: str, reflection: str | None) -> str:
+    """T5 text of the paper's corrector: `"{prompt} [Reflexion] {reflection}"`, or the prompt alone.
+
+    Training (after the drops) and the pipeline at inference both build it here; the pooled CLIP
+    embedding always comes from the original prompt alone."""
+    if reflection:
+        return f"{prompt}{REFLECTION_SEPARATOR}{reflection}"
+    return prompt
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from reflectionflow.data.transforms import t5_text
 from reflectionflow.models.corrector import (
     ATTENTION_MODES,
     CONDITION_POSITIONS,
@@ -33,7 +34,6 @@ from reflectionflow.models.corrector import (
     unpack_latents,
 )
 from reflectionflow.models.lora import ADAPTER_NAME
-from reflectionflow.models.text import t5_text
 
 
 def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False):

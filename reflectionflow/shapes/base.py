@@ -1,0 +1,229 @@
+"""A FLUX-architecture text-to-image model trained from scratch: the shapes world's base model.
+
+`FluxTransformer2DModel`, a CLIP and a T5 encoder at toy size are trained jointly with the shared
+flow-matching loss (`models.flow_matching`) on (prompt, image) pairs encoded by a frozen domain VAE.
+Classifier-free guidance comes from prompt dropout: both encoders read "" (what `ReflectionFluxPipeline`'s
+`true_cfg_scale` feeds a base model's unconditional branch, as FluxPipeline with `negative_prompt=""`;
+a pooled prompt kept in that branch would carry the prompt into it and leave nothing for guidance). The
+product is a diffusers `FluxPipeline` directory that `load_flux_pipeline` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from reflectionflow.models.corrector import latent_ids
+from reflectionflow.models.flow_matching import flow_matching_loss
+from reflectionflow.models.optim import build_optimizers
+from reflectionflow.models.pipeline import ReflectionFluxPipeline, encode_images, quiet_prompt_truncation
+from reflectionflow.models.tiny import (
+    REFLECTION_WORDS,
+    build_tokenizers,
+    clip_text_encoder,
+    flux_dev_scheduler,
+    t5_encoder,
+)
+from reflectionflow.shapes.evaluation import accuracy_by_category
+from reflectionflow.shapes.world import CATEGORIES, all_specs, heldout_eval_set, rendered_triplets
+
+log = logging.getLogger(__name__)
+
+
+def shapes_corpus(n_reflections: int = 300) -> list[str]:
+    """Every prompt of the shapes world plus sample reflections: the tokenizers' vocabulary, so every word
+    of a prompt is one T5 token (at most 12 per prompt)."""
+    prompts = [spec.prompt for tag in CATEGORIES for spec in all_specs(tag)]
+    reflections = [triplet.reflection for triplet in rendered_triplets(n_reflections, seed=12345)]
+    return [*prompts, *reflections, REFLECTION_WORDS]
+
+
+def build_flux_pipeline(vae_path: str, transformer: dict, t5: dict, clip: dict, seed: int = 0):
+    """A FluxPipeline of fresh toy-size transformer and text encoders around the trained VAE."""
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+
+    clip_tok, t5_tok = build_tokenizers(shapes_corpus())
+    vae = AutoencoderKL.from_pretrained(Path(vae_path) / "vae")
+    torch.manual_seed(seed)
+    text_encoder = clip_text_encoder(clip_tok, **clip)
+    text_encoder_2 = t5_encoder(t5_tok, **t5)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * vae.config.latent_channels,
+        joint_attention_dim=t5["d_model"],
+        pooled_projection_dim=clip["hidden_size"],
+        guidance_embeds=False,
+        **transformer,
+    )
+    return FluxPipeline(
+        transformer=model,
+        vae=vae.requires_grad_(False).eval(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tok,
+        tokenizer_2=t5_tok,
+        scheduler=flux_dev_scheduler(),
+    )
+
+
+@torch.no_grad()
+def sample_accuracy(
+    flux,
+    n_per_category: int,
+    image_size: int,
+    num_inference_steps: int,
+    true_cfg_scale: float,
+    max_sequence_length: int,
+    seed: int = 0,
+    batch: int = 32,
+) -> dict[str, Any]:
+    """Single-sample checker accuracy on the held-out prompts through `ReflectionFluxPipeline`."""
+    pipe = ReflectionFluxPipeline(flux, max_sequence_length=max_sequence_length)
+    size = image_size
+
+    def samples(start: int, chunk) -> list:
+        noises = torch.stack([pipe.initial_noise(seed + start + i, size, size) for i in range(len(chunk))])
+        return pipe.generate([s.prompt for s in chunk], noises=noises, height=size, width=size,
+                             num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale)
+
+    accuracy, per_tag = accuracy_by_category(heldout_eval_set(n_per_category, seed), samples, batch)
+    return {"accuracy": accuracy, "per_tag": per_tag}
+
+
+class LatentCache:
+    """Packed latents by pool index, kept on the CPU (a 48 px image is 9 x 64 floats: 64k examples ~150 MB).
+    Not checkpointed: encoding is deterministic, so a resumed run refills it with the same values."""
+
+    def __init__(self):
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, keys: list[int], latents: torch.Tensor) -> None:
+        for key, row in zip(keys, latents.detach().cpu(), strict=True):
+            self._rows[key] = row
+
+    def get(self, keys: list[int]) -> torch.Tensor:
+        return torch.stack([self._rows[key] for key in keys])
+
+
+class TextToImageModule(L.LightningModule):
+    def __init__(
+        self,
+        vae_path: str,
+        transformer: dict,
+        t5: dict,
+        clip: dict,
+        prompt_dropout: float = 0.1,
+        max_sequence_length: int = 24,
+        timestep_mean: float = 0.0,
+        timestep_std: float = 1.0,
+        image_size: int = 48,
+        eval_per_category: int = 16,
+        eval_steps: int = 20,
+        eval_true_cfg_scale: float = 3.0,
+        cache_latents: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        quiet_prompt_truncation()
+        # The pipeline is no nn.Module: the frozen VAE stays out of parameters and checkpoints.
+        self.pipe = build_flux_pipeline(vae_path, dict(transformer), dict(t5), dict(clip), seed)
+        self.transformer = self.pipe.transformer.train()
+        self.text_encoder = self.pipe.text_encoder.train()
+        self.text_encoder_2 = self.pipe.text_encoder_2.train()
+        self.latent_cache = LatentCache() if cache_latents else None
+
+    def on_fit_start(self) -> None:
+        self.pipe.vae.to(self.device)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return build_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory, default_lr=3e-4)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        generator = torch.Generator(self.device).manual_seed((hp.seed * 1_000_003 + self.global_step) % 2**63)
+        pixels = batch["image"]
+        b = pixels.shape[0]
+        x0 = self.latents(batch)
+        keep = torch.rand(b, generator=generator, device=self.device) >= hp.prompt_dropout
+        prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist(), strict=True)]
+        t5, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=hp.max_sequence_length
+        )
+        scale = self.pipe.vae_scale_factor
+        img_ids = latent_ids(pixels.shape[-2] // scale, pixels.shape[-1] // scale, device=self.device)
+        txt_ids = torch.zeros(t5.shape[1], 3, device=self.device)
+
+        def predict(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.transformer(
+                hidden_states=xt,
+                encoder_hidden_states=t5,
+                pooled_projections=pooled,
+                timestep=t,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                return_dict=False,
+            )[0]
+
+        loss = flow_matching_loss(predict, x0, generator, hp.timestep_mean, hp.timestep_std)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        return loss
+
+    @torch.no_grad()
+    def latents(self, batch: dict) -> torch.Tensor:
+        """Packed VAE latents of the batch's images (the mode: the VAE was trained without sampling); with
+        `cache_latents`, each pool example (`key`) is encoded once and reused in later epochs."""
+        if self.latent_cache is None:
+            return encode_images(self.pipe.vae, batch["image"])
+        if "key" not in batch:
+            raise ValueError("model.cache_latents needs samples keyed by pool index: set data.pool_size")
+        keys = batch["key"].tolist()
+        missing = [i for i, key in enumerate(keys) if key not in self.latent_cache]
+        if missing:
+            self.latent_cache.add([keys[i] for i in missing], encode_images(self.pipe.vae, batch["image"][missing]))
+        return self.latent_cache.get(keys).to(self.device)
+
+    @torch.no_grad()
+    def export(self, path: Path) -> None:
+        """The trained FluxPipeline (diffusers format) at `path` and its held-out accuracy in metrics.json."""
+        hp = self.hparams
+        self.pipe.to("cpu")
+        for module in (self.transformer, self.text_encoder, self.text_encoder_2):
+            module.eval()
+        path.mkdir(parents=True, exist_ok=True)
+        self.pipe.save_pretrained(path, safe_serialization=True)
+        metrics = sample_accuracy(
+            self.pipe,
+            hp.eval_per_category,
+            hp.image_size,
+            hp.eval_steps,
+            hp.eval_true_cfg_scale,
+            hp.max_sequence_length,
+            seed=hp.seed,
+        )
+        metrics.update(
+            global_step=self.global_step, true_cfg_scale=hp.eval_true_cfg_scale, steps=hp.eval_steps
+        )
+        log.info(
+            "base model single-sample held-out accuracy: %.1f%% %s",
+            100 * metrics["accuracy"],
+            metrics["per_tag"],
+        )
+        (path / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,244 @@
+"""The shapes corrector's training data: GenRef shards of triplets, built once and streamed by `GenRefDataModule`.
+
+Flawed images come from two sources, as GenRef's do: the trained base model's own samples on training
+prompts (sampled with `ReflectionFluxPipeline.generate` and true CFG, like the base model's metrics; samples
+the checker passes teach nothing and are skipped) and renders of correct scenes with one typical mistake.
+The shards go to `<cache_dir>/recipes/shapes_triplets-<hash of this config and the base model path>/`,
+written into a temporary directory and renamed when complete, with `stats.json` (how many model samples
+were already correct, triplets per source, category and subset) beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from reflectionflow.data.datamodule import GenRefDataModule
+from reflectionflow.shapes.world.checker import check_image
+from reflectionflow.shapes.world.sampling import sample_example
+from reflectionflow.shapes.world.triplets import Triplet, make_triplet, rendered_triplets
+
+log = logging.getLogger(__name__)
+
+SHARD_NAME = "shapes-%06d.tar"
+JPEG_QUALITY = 95
+"""With 4:4:4 chroma the checker reads these JPEGs exactly (tested); 4:2:0 would halve colour
+resolution on shapes a dozen pixels wide."""
+FORMAT_VERSION = 1  # bump when the way triplets are made changes, so old caches are not reused
+
+
+def model_sample_triplets(
+    base_path: str,
+    n: int,
+    *,
+    seed: int,
+    image_size: int,
+    editing_fraction: float,
+    num_inference_steps: int,
+    true_cfg_scale: float,
+    max_sequence_length: int,
+    batch_size: int,
+) -> tuple[list[Triplet], Counter]:
+    """Triplets from `n` base-model samples of training prompts; counts the samples that gave none:
+    `already_correct`, `unusable` (no passing good image) and `reflector_error`."""
+    from reflectionflow.models.loading import load_flux_pipeline
+    from reflectionflow.models.pipeline import ReflectionFluxPipeline
+
+    pipe = ReflectionFluxPipeline(
+        load_flux_pipeline(base_path), max_sequence_length=max_sequence_length, micro_batch=batch_size
+    )
+    rng = np.random.default_rng([seed, 1])
+    counts: Counter = Counter()
+    triplets: list[Triplet] = []
+    for start in range(0, n, batch_size):
+        specs = [sample_example(rng, "train")[0] for _ in range(min(batch_size, n - start))]
+        noises = torch.stack([pipe.initial_noise(seed * 1_000_003 + start + i, image_size, image_size)
+                              for i in range(len(specs))])
+        images = pipe.generate([s.prompt for s in specs], noises=noises, height=image_size, width=image_size,
+                               num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale)
+        for spec, image in zip(specs, images, strict=True):
+            checked = check_image(image, spec)
+            if checked.correct:
+                counts["already_correct"] += 1
+                continue
+            editing = bool(rng.random() < editing_fraction)
+            try:
+                triplet = make_triplet(spec, image, rng, editing=editing, size=image_size, meta={"source": "model"},
+                                       checked=checked)
+            except ValueError as err:  # the rule-based reflector fails on some scenes no flaw generator makes
+                counts["reflector_error"] += 1
+                log.debug("no triplet from a sample of %r: %s", spec.prompt, err)
+                continue
+            if triplet is None:
+                counts["unusable"] += 1
+            else:
+                triplets.append(triplet)
+        log.info("base-model samples: %d / %d", min(start + batch_size, n), n)
+    return triplets, counts
+
+
+def triplet_stats(triplets: list[Triplet], model_counts: Counter, model_samples: int) -> dict[str, Any]:
+    def per(key) -> dict[str, int]:
+        return dict(sorted(Counter(key(t) for t in triplets).items()))
+
+    return {
+        "triplets": len(triplets),
+        "model_samples": model_samples,
+        "model_samples_already_correct": model_counts["already_correct"],
+        "model_samples_unusable": model_counts["unusable"],
+        "model_samples_reflector_error": model_counts["reflector_error"],
+        "by_source": per(lambda t: t.meta.get("source", "rendered")),
+        "by_category": per(lambda t: t.meta["geneval"]["tag"]),
+        "by_subset": per(lambda t: t.subset),
+        "by_source_and_subset": per(lambda t: f"{t.meta.get('source', 'rendered')}/{t.subset}"),
+    }
+
+
+class ShapesTripletsDataModule(GenRefDataModule):
+    """`GenRefDataModule` over cached shapes triplet shards, built on first use (`check`, `setup`).
+
+    Under DDP every rank builds into its own temporary directory and the first rename wins (the recipe is
+    meant for one CPU process; a cached build is read by all ranks).
+
+    Args beyond GenRefDataModule's (whose `shards` this sets):
+        base_path: the base model's product directory (its samples are flawed images; part of the cache key).
+        model_samples: base-model samples drawn (incorrect ones become triplets).
+        rendered: triplets from flawed renders.
+        editing_fraction: share of `editing` triplets (good = flawed scene with the edits applied); the rest
+            are `general` (good = an independent correct scene).
+        sample_steps / sample_true_cfg_scale / sample_max_sequence_length / sample_batch: how the base
+            model is sampled (as its own metrics sample it).
+        image_size: side of the rendered and sampled images.
+        samples_per_shard: triplets per tar file.
+    """
+
+    def __init__(
+        self,
+        base_path: str,
+        model_samples: int = 1024,
+        rendered: int = 4000,
+        editing_fraction: float = 0.5,
+        sample_steps: int = 20,
+        sample_true_cfg_scale: float = 3.0,
+        sample_max_sequence_length: int = 16,
+        sample_batch: int = 64,
+        image_size: int = 48,
+        samples_per_shard: int = 500,
+        seed: int = 0,
+        **genref: Any,
+    ):
+        if model_samples < 0 or rendered < 0 or model_samples + rendered == 0:
+            raise ValueError(f"data.model_samples ({model_samples}) and data.rendered ({rendered}) must be >= 0, "
+                             "not both 0")
+        if not 0.0 <= editing_fraction <= 1.0:
+            raise ValueError(f"data.editing_fraction must be in [0, 1], got {editing_fraction}")
+        self.base_path = str(base_path)
+        self.build_config = {
+            "version": FORMAT_VERSION,
+            "base_path": self.base_path,
+            "model_samples": int(model_samples),
+            "rendered": int(rendered),
+            "editing_fraction": float(editing_fraction),
+            "sample_steps": int(sample_steps),
+            "sample_true_cfg_scale": float(sample_true_cfg_scale),
+            "sample_max_sequence_length": int(sample_max_sequence_length),
+            "sample_batch": int(sample_batch),  # the batch size orders the random draws
+            "image_size": int(image_size),
+            "samples_per_shard": int(samples_per_shard),
+            "seed": int(seed),
+        }
+        self.directory = triplets_dir(self.build_config)
+        super().__init__(shards=str(self.directory / SHARD_NAME.replace("%06d", "*")), seed=seed, **genref)
+
+    def check(self) -> list[str]:
+        self.build()
+        return super().check()
+
+    def build(self) -> Path:
+        """The shard directory, written now unless a previous run completed it."""
+        if (self.directory / "stats.json").is_file():
+            return self.directory
+        r = self.build_config
+        log.info("building shapes triplets into %s", self.directory)
+        model_triplets, counts = [], Counter()
+        if r["model_samples"]:
+            model_triplets, counts = model_sample_triplets(
+                self.base_path, r["model_samples"], seed=r["seed"], image_size=r["image_size"],
+                editing_fraction=r["editing_fraction"], num_inference_steps=r["sample_steps"],
+                true_cfg_scale=r["sample_true_cfg_scale"], max_sequence_length=r["sample_max_sequence_length"],
+                batch_size=r["sample_batch"],
+            )
+        rendered = list(rendered_triplets(r["rendered"], seed=r["seed"], size=r["image_size"],
+                                          editing_fraction=r["editing_fraction"], split="train"))
+        triplets = model_triplets + rendered
+        order = np.random.default_rng([r["seed"], 2]).permutation(len(triplets))  # mix sources across shards
+        stats = triplet_stats(triplets, counts, r["model_samples"])
+
+        tmp = self.directory.with_name(f"{self.directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_genref_shards((triplets[i] for i in order), str(tmp / SHARD_NAME), maxcount=r["samples_per_shard"])
+        (tmp / "config.json").write_text(json.dumps(r, indent=2))
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+        try:
+            tmp.rename(self.directory)
+        except OSError:  # another process finished the same directory first
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("shapes triplets: %s", json.dumps(stats))
+        return self.directory
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads((self.build() / "stats.json").read_text())
+
+
+def triplets_dir(build_config: dict[str, Any]) -> Path:
+    from reflectionflow.models.loading import cache_dir
+
+    digest = hashlib.sha256(json.dumps(build_config, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / "recipes" / f"shapes_triplets-{digest}"
+
+
+def write_genref_shards(
+    triplets: Iterable[Triplet],
+    pattern: str,
+    *,
+    maxcount: int = 1000,
+    quality: int = JPEG_QUALITY,
+    key_prefix: str = "shapes",
+) -> int:
+    """Write GenRef samples (good_image.jpg, bad_image.jpg, reflection.txt, prompt.txt, subset.txt, plus
+    meta.json) to shards named by `pattern` (e.g. 'out/shapes-%06d.tar'); returns the sample count."""
+    count = 0
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
+        for count, triplet in enumerate(triplets, start=1):
+            sink.write(
+                {
+                    "__key__": f"{key_prefix}{count:08d}",
+                    "good_image.jpg": encode_jpeg(triplet.good, quality),
+                    "bad_image.jpg": encode_jpeg(triplet.bad, quality),
+                    "reflection.txt": triplet.reflection,
+                    "prompt.txt": triplet.prompt,
+                    "subset.txt": triplet.subset,
+                    "meta.json": triplet.meta,
+                }
+            )
+    return count
+
+
+def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality, subsampling=0)
+    return buffer.getvalue()

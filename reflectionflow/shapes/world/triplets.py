@@ -1,0 +1,90 @@
+"""(flawed image, reflection, correct image) triplets of the shapes world; `shapes.triplets` writes them as
+GenRef shards.
+
+Subsets: `editing` when the good image is the flawed scene with exactly the reflection's edits applied
+(same layout, as in GenRef's editing pairs); `general` when it is an independent correct sample of the
+prompt (as GenRef pairs a rejected and an accepted generation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from reflectionflow.shapes.world.checker import CheckResult, check_image
+from reflectionflow.shapes.world.editor import apply_edits
+from reflectionflow.shapes.world.edits import reflection_text
+from reflectionflow.shapes.world.flaws import make_flawed
+from reflectionflow.shapes.world.reflector import plan_edits
+from reflectionflow.shapes.world.render import render_scene
+from reflectionflow.shapes.world.sampling import sample_example, sample_scene
+from reflectionflow.shapes.world.spec import PromptSpec
+from reflectionflow.shapes.world.vocabulary import DEFAULT_SIZE
+
+
+@dataclass(frozen=True)
+class Triplet:
+    prompt: str
+    reflection: str
+    bad: Image.Image
+    good: Image.Image
+    subset: str  # general | editing
+    meta: dict[str, Any] = field(default_factory=dict)  # GenEval record, flaw kind, problems found
+
+
+def make_triplet(
+    spec: PromptSpec,
+    bad: Image.Image,
+    rng: np.random.Generator,
+    *,
+    editing: bool,
+    size: int = DEFAULT_SIZE,
+    meta: dict[str, Any] | None = None,
+    checked: CheckResult | None = None,
+) -> Triplet | None:
+    """Check `bad` (a flawed render or a model sample; `checked`: its check, if the caller has it),
+    reflect on it and pair it with a good image. None when there is nothing to learn: `bad` is already
+    correct, or the good image would not pass (e.g. the edit keeps an object of a colour outside the palette)."""
+    result = checked or check_image(bad, spec)
+    if result.correct:
+        return None
+    edits = plan_edits(result, rng)
+    try:
+        good_scene = apply_edits(result.scene, edits) if editing else sample_scene(spec, rng)
+        good = render_scene(good_scene, size)
+    except ValueError:
+        return None
+    if not check_image(good, spec).correct:
+        return None
+    info = {
+        "geneval": spec.to_geneval(),
+        "problems": result.messages(),
+        "bad_score": result.score,
+        **(meta or {}),
+    }
+    return Triplet(spec.prompt, reflection_text(edits), bad, good, "editing" if editing else "general", info)
+
+
+def rendered_triplets(
+    n: int, *, seed: int = 0, size: int = DEFAULT_SIZE, editing_fraction: float = 0.5, split: str = "train"
+) -> Iterator[Triplet]:
+    """`n` triplets whose flawed images are renders of correct scenes with one typical mistake each."""
+    rng = np.random.default_rng(seed)
+    made = 0
+    for _ in range(2 * n + 100):
+        if made == n:
+            return
+        spec, scene = sample_example(rng, split)
+        flawed, flaw = make_flawed(spec, scene, rng)
+        editing = bool(rng.random() < editing_fraction)
+        triplet = make_triplet(
+            spec, render_scene(flawed, size), rng, editing=editing, size=size, meta={"flaw": flaw}
+        )
+        if triplet is not None:
+            made += 1
+            yield triplet
+    raise RuntimeError(f"only {made} of {n} flawed renders gave usable triplets")
