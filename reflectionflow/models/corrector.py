@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,10 +29,11 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from reflectionflow.config import check_option
+from reflectionflow.models.lora import DOUBLE_BLOCK_IMAGE_STREAM, lora_disabled, lora_layers
+
 ATTENTION_MODES = ("union", "causal")
 CONDITION_POSITIONS = ("beside", "aligned")
-# Double-block layers that process the image stream (the text stream has its own `*_context`/`add_*` layers).
-_DOUBLE_IMAGE_STREAM = re.compile(r"^(norm1\.linear|attn\.to_[qkv]|attn\.to_out\.0|ff\.net\.\d+(\.proj)?)(\.|$)")
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -70,12 +70,6 @@ def latent_ids(height: int, width: int, device=None, dtype=torch.float32) -> tor
     return ids.reshape(-1, 3)
 
 
-def check_option(key: str, value: str, options: tuple[str, ...]) -> None:
-    """One clear line for a setting outside its options; `key` names it as the caller's user sets it."""
-    if value not in options:
-        raise ValueError(f"{key}: expected one of {options}, got {value!r}")
-
-
 def condition_ids(
     condition_size: int, device=None, dtype=torch.float32, vae_scale_factor: int = 8, position: str = "beside"
 ) -> torch.Tensor:
@@ -96,38 +90,7 @@ def condition_ids(
 
 
 # --------------------------------------------------------------------------------------------------------
-# LoRA switching and processor swapping
-
-
-def _lora_layers(module: nn.Module, name_filter: re.Pattern | None = None) -> list[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = []
-    for name, sub in module.named_modules():
-        if isinstance(sub, BaseTunerLayer) and (name_filter is None or name_filter.match(name)):
-            layers.append(sub)
-    return layers
-
-
-@contextlib.contextmanager
-def lora_disabled(layers: list[nn.Module]) -> Iterator[None]:
-    """Skip the adapter path of `layers` (peft's per-layer switch; no LoRA matmuls are paid).
-
-    Sets peft's `_disable_adapters` flag directly: `enable_adapters(False)` would also flip `requires_grad`
-    of the adapter weights, which must keep training.
-    """
-    if any(getattr(layer, "merged", False) for layer in layers):
-        raise ValueError(
-            "a fused (merged) LoRA cannot be switched off per token; unfuse it or use lora_on_target=True"
-        )
-    previous = [layer._disable_adapters for layer in layers]
-    for layer in layers:
-        layer._disable_adapters = True
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, previous, strict=True):
-            layer._disable_adapters = flag
+# Processor swapping
 
 
 @contextlib.contextmanager
@@ -431,7 +394,7 @@ def corrector_forward(
 def _corrector_body(transformer, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
                     txt_ids, guidance, cond_hidden_states, cond_ids, attention, lora_on_target, cond_cache):
     switch = not lora_on_target
-    with lora_disabled(_lora_layers(transformer.x_embedder) if switch else []):
+    with lora_disabled(lora_layers(transformer.x_embedder) if switch else []):
         hidden = transformer.x_embedder(hidden_states)
     dtype = hidden.dtype
     if guidance is not None:
@@ -451,7 +414,7 @@ def _corrector_body(transformer, hidden_states, encoder_hidden_states, pooled_pr
     blocks = _blocks(transformer)
     for i, (kind, block) in enumerate(blocks):
         if switch:
-            stock_lora_off = _lora_layers(block, _DOUBLE_IMAGE_STREAM if kind == "double" else None)
+            stock_lora_off = lora_layers(block, DOUBLE_BLOCK_IMAGE_STREAM if kind == "double" else None)
         else:
             stock_lora_off = []
         args = (kind, block, stock_lora_off, attention, hidden, text, cond, temb, cond_temb, rope, cond_rope,
