@@ -321,3 +321,21 @@ def test_unknown_attention_mode_is_rejected(components):
     inputs, cond = _inputs()
     with pytest.raises(ValueError, match="attention"):
         corrector_forward(components["transformer"], **inputs, **cond, attention="sparse")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_through_the_shared_block_inputs(components):
+    """Full fine-tuning: the timestep embedding reaches every block inside `SharedBlockInputs`, not as an
+    explicit checkpoint argument; its gradients must survive recomputation too."""
+    grads = []
+    for checkpointing in (False, True):
+        tr = _fresh_transformer(components, lora=False).train().requires_grad_(True)
+        if checkpointing:
+            tr.enable_gradient_checkpointing()
+        inputs, cond = _inputs()
+        corrector_forward(tr, **inputs, **cond, attention="union").square().mean().backward()
+        grads.append({n: p.grad for n, p in tr.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(name.startswith("time_text_embed.") for name in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
