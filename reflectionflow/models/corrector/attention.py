@@ -53,14 +53,25 @@ class ConditionAttnProcessor:
 
     `cond_qkv` holds the condition's query/key/value for this block (uncached forward), `cond_kv` only its
     key/value (cached causal inference). After the call, `cond_output` holds the condition tokens' attention
-    output (before `to_out`), or None when the condition's queries were not given.
+    output (before `to_out`), or None when the condition's queries were not given. `_attention_backend` and
+    `_parallel_config` are the ones of the processor this one stands in for, so its attention runs as the
+    stock block's would.
     """
 
-    def __init__(self, mode: str, cond_qkv: QKV | None = None, cond_kv: KV | None = None):
+    def __init__(
+        self,
+        mode: str,
+        cond_qkv: QKV | None = None,
+        cond_kv: KV | None = None,
+        attention_backend=None,
+        parallel_config=None,
+    ):
         self.mode = mode
         self.cond_qkv = cond_qkv
         self.cond_kv = cond_kv if cond_kv is not None else (cond_qkv[1:] if cond_qkv is not None else None)
         self.cond_output: torch.Tensor | None = None
+        self._attention_backend = attention_backend
+        self._parallel_config = parallel_config
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
@@ -107,10 +118,16 @@ class ConditionAttnProcessor:
 def condition_attention(
     attn: nn.Module, mode: str, cond_qkv: QKV | None = None, cond_kv: KV | None = None
 ) -> Iterator[ConditionAttnProcessor]:
-    """`attn` runs a `ConditionAttnProcessor` inside the block; the processor is yielded so that the caller
-    can read its `cond_output`."""
+    """`attn` runs a `ConditionAttnProcessor` (with the attention settings of the processor it replaces)
+    inside the block; the processor is yielded so that the caller can read its `cond_output`."""
     stock = attn.processor
-    attn.processor = ConditionAttnProcessor(mode, cond_qkv=cond_qkv, cond_kv=cond_kv)
+    attn.processor = ConditionAttnProcessor(
+        mode,
+        cond_qkv=cond_qkv,
+        cond_kv=cond_kv,
+        attention_backend=getattr(stock, "_attention_backend", None),
+        parallel_config=getattr(stock, "_parallel_config", None),
+    )
     try:
         yield attn.processor
     finally:
