@@ -46,20 +46,20 @@ def latest_shards() -> str:
 def recorded_attention() -> Iterator[list[torch.Tensor]]:
     """Head-averaged attention probabilities (B, queries, keys) of every joint attention call of the corrector
     (union mode: queries and keys are [text | target | condition]), recorded around its attention function."""
-    from reflectionflow.models import corrector
+    from reflectionflow.models.corrector import attention
 
-    attend, records = corrector._attend, []
+    attend, records = attention.attend, []
 
-    def recording(attn, query, key, value):
+    def recording(query, key, value, processor):
         scores = torch.einsum("bqhd,bkhd->bhqk", query.float(), key.float()) / query.shape[-1] ** 0.5
         records.append(scores.softmax(-1).mean(1))
-        return attend(attn, query, key, value)
+        return attend(query, key, value, processor)
 
-    corrector._attend = recording
+    attention.attend = recording
     try:
         yield records
     finally:
-        corrector._attend = attend
+        attention.attend = attend
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Configuration helpers shared by the apps: the user-error type and secret redaction."""
+"""Configuration helpers shared by the apps: the user-error type, option checks and secret redaction."""
 
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ REDACTED = "<redacted>"
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the config key to change."""
+
+
+def check_option(key: str, value: str, options: tuple[str, ...]) -> None:
+    """One clear line for a setting outside its options; `key` names it as the caller's user sets it."""
+    if value not in options:
+        raise ConfigError(f"{key}: expected one of {options}, got {value!r}")
 
 
 def redact_secrets(value: Any) -> Any:

@@ -321,3 +321,51 @@ def test_unknown_attention_mode_is_rejected(components):
     inputs, cond = _inputs()
     with pytest.raises(ValueError, match="attention"):
         corrector_forward(components["transformer"], **inputs, **cond, attention="sparse")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_through_the_shared_block_inputs(components):
+    """Full fine-tuning: the timestep embedding reaches every block inside `SharedBlockInputs`, not as an
+    explicit checkpoint argument; its gradients must survive recomputation too."""
+    grads = []
+    for checkpointing in (False, True):
+        tr = _fresh_transformer(components, lora=False).train().requires_grad_(True)
+        if checkpointing:
+            tr.enable_gradient_checkpointing()
+        inputs, cond = _inputs()
+        corrector_forward(tr, **inputs, **cond, attention="union").square().mean().backward()
+        grads.append({n: p.grad for n, p in tr.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(name.startswith("time_text_embed.") for name in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["union", "causal"])
+def test_set_attention_backend_reaches_every_attention_call(components, monkeypatch, attention):
+    from diffusers.models import attention_dispatch
+
+    from reflectionflow.models.corrector import attention as corrector_attention
+
+    tr = _fresh_transformer(components)
+    inputs, cond = _inputs()
+    with torch.no_grad():
+        default = corrector_forward(tr, **inputs, **cond, attention=attention)
+    # set_attention_backend also sets diffusers' global active backend; monkeypatch restores it afterwards
+    registry = attention_dispatch._AttentionBackendRegistry
+    monkeypatch.setattr(registry, "_active_backend", registry._active_backend)
+    tr.set_attention_backend("_native_math")
+    backends = []
+
+    def recording(*args, backend=None, **kwargs):
+        backends.append(backend)
+        return attention_dispatch.dispatch_attention_fn(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(corrector_attention, "dispatch_attention_fn", recording)
+    with torch.no_grad():
+        ours = corrector_forward(tr, **inputs, **cond, attention=attention)
+        if attention == "causal":
+            build_condition_cache(tr, **cond, pooled_projections=inputs["pooled_projections"])
+    n_blocks = len(tr.transformer_blocks) + len(tr.single_transformer_blocks)
+    assert len(backends) >= n_blocks
+    assert set(backends) == {"_native_math"}
+    torch.testing.assert_close(ours, default, atol=1e-5, rtol=1e-4)

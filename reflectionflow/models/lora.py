@@ -1,11 +1,17 @@
-"""The corrector's LoRA adapter: the paper's target modules, rank 256 by default, diffusers-format files."""
+"""The corrector's LoRA adapter: the paper's target modules, rank 256 by default, diffusers-format files,
+and the per-layer switch that skips the adapter for some tokens (text and target tokens in the corrector,
+every token in the base model)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 ADAPTER_NAME = "reflection"
 
@@ -17,6 +23,11 @@ PAPER_TARGET_MODULES = (
     r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_q|attn\.to_k|attn\.to_v))$"
 )
 TARGET_PRESETS = {"paper": PAPER_TARGET_MODULES}
+# Double-block layers that process the image stream (the text stream has its own `*_context`/`add_*` layers),
+# as names relative to the block.
+DOUBLE_BLOCK_IMAGE_STREAM = re.compile(
+    r"^(norm1\.linear|attn\.to_[qkv]|attn\.to_out\.0|ff\.net\.\d+(\.proj)?)(\.|$)"
+)
 
 
 def add_lora(
@@ -87,3 +98,35 @@ def save_lora(
         safe_serialization=True,
     )
     return directory
+
+
+def lora_layers(module: nn.Module, name_filter: re.Pattern | None = None) -> list[nn.Module]:
+    """peft's LoRA layers inside `module`; with `name_filter`, only those whose name relative to `module`
+    it matches (for example `DOUBLE_BLOCK_IMAGE_STREAM`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [
+        sub for name, sub in module.named_modules()
+        if isinstance(sub, BaseTunerLayer) and (name_filter is None or name_filter.match(name))
+    ]
+
+
+@contextlib.contextmanager
+def lora_disabled(layers: list[nn.Module]) -> Iterator[None]:
+    """Skip the adapter path of `layers` (peft's per-layer switch; no LoRA matmuls are paid).
+
+    Sets peft's `_disable_adapters` flag directly: `enable_adapters(False)` would also flip `requires_grad`
+    of the adapter weights, which must keep training.
+    """
+    if any(getattr(layer, "merged", False) for layer in layers):
+        raise ValueError(
+            "a fused (merged) LoRA cannot be switched off per token; unfuse it or use lora_on_target=True"
+        )
+    previous = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, previous, strict=True):
+            layer._disable_adapters = flag

@@ -14,10 +14,10 @@ from typing import Any
 import lightning as L
 import torch
 
+from reflectionflow.config import check_option
 from reflectionflow.models.corrector import (
     ATTENTION_MODES,
     CONDITION_POSITIONS,
-    check_option,
     condition_ids,
     corrector_forward,
     dead_end_lora_parameters,

@@ -19,21 +19,19 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from reflectionflow.config import check_option
 from reflectionflow.data.transforms import t5_text
 from reflectionflow.models.corrector import (
     ATTENTION_MODES,
     CONDITION_POSITIONS,
-    _lora_layers,
     build_condition_cache,
-    check_option,
     condition_ids,
     corrector_forward,
     latent_ids,
-    lora_disabled,
     pack_latents,
     unpack_latents,
 )
-from reflectionflow.models.lora import ADAPTER_NAME
+from reflectionflow.models.lora import ADAPTER_NAME, lora_disabled, lora_layers
 
 
 def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False):
@@ -269,7 +267,7 @@ class ReflectionFluxPipeline:
         if corrector:
             forward.update(self._condition_inputs(conditions, clip_texts, pooled, cfg))
         else:  # the base model: every adapter path skipped
-            lora_off = _lora_layers(self.transformer)
+            lora_off = lora_layers(self.transformer)
 
         latents = noise
         with lora_disabled(lora_off):

@@ -135,7 +135,8 @@ class FluxGenerator:
         max_sequence_length: int = 512,
         corrector_max_sequence_length: int | None = None,
     ):
-        from reflectionflow.models.corrector import CONDITION_POSITIONS, check_option
+        from reflectionflow.config import check_option
+        from reflectionflow.models.corrector import CONDITION_POSITIONS
         from reflectionflow.models.pipeline import ReflectionFluxPipeline
 
         if micro_batch < 1:
