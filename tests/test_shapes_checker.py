@@ -146,3 +146,24 @@ def test_detection_is_independent_of_image_size():
             assert (
                 abs(got.x - want.x) < 0.02 and abs(got.y - want.y) < 0.02 and abs(got.size - want.size) < 0.03
             )
+
+
+TRIANGLE_AND_SQUARE = PromptSpec("two_object", (ObjectRequirement("triangle"), ObjectRequirement("square")))
+
+
+def test_one_connected_object_is_one_shape_whatever_its_colours():
+    """A model's off-palette or two-tone object is one object (as GenEval's detector and a person see it),
+    not one object per palette colour its pixels are nearest to."""
+    image = render_scene(Scene((_obj("triangle", "blue", (1, 0)),)), 48)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((30, 14, 43, 27), fill=(110, 25, 25))  # dark red: part red, part black pixel by pixel
+    draw.rectangle((34, 18, 39, 23), fill=(150, 30, 30))
+    draw.rectangle((4, 34, 15, 45), fill=(20, 80, 230))  # a blue square with a yellow core
+    draw.rectangle((8, 38, 11, 41), fill=(240, 200, 0))
+    found = {d.obj.cell: (d.obj.shape, d.obj.color) for d in detect_objects(image)}
+    assert found == {(1, 0): ("triangle", "blue"), (1, 2): ("square", None), (2, 0): ("square", "blue")}
+    dark = render_scene(Scene((_obj("triangle", "green", (1, 0)),)), 48)
+    ImageDraw.Draw(dark).rectangle((30, 14, 43, 27), fill=(110, 25, 25))
+    result = check_image(dark, TRIANGLE_AND_SQUARE)
+    assert result.correct, result.messages()  # a square of no palette colour is a square
+    assert not check_image(dark, PromptSpec("colors", (ObjectRequirement("square", color="red"),))).correct

@@ -1,8 +1,12 @@
-"""Image -> detected scene: palette segmentation, connected components, shape features.
+"""Image -> detected scene: foreground segmentation, connected components, colour and shape features.
 
-Every pixel is explained as the background mixed with one palette colour (alpha) plus a residual. An
-antialiased or blurred rim is exactly such a mix, so it keeps its object's colour instead of looking
-like a lighter palette colour, and the object's mask is its alpha >= 0.5 region, about the true shape.
+Every pixel is explained as the background mixed with one palette colour (alpha) plus a residual. A
+pixel whose best mix has alpha >= 0.5 is foreground; an antialiased or blurred rim is exactly such a
+mix, so the mask is about the true shape. One connected foreground region is one object, whatever
+colours it holds (a dark-red square whose pixels are partly closer to black, a square with a core of
+another colour); its colour is the palette colour that explains its pixels best, or none (off-palette)
+when even that one leaves a mean residual above MAX_COLOR_RESIDUAL, as a person would say "a square"
+of a colour outside the palette.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ MIN_OBJECT_AREA = 0.005
 triangle): smaller specks are noise."""
 
 MAX_COLOR_RESIDUAL = 70.0
-"""RGB distance from the nearest background-to-colour line beyond which a pixel has no palette colour."""
+"""Mean RGB distance of an object's pixels from the nearest background-to-colour line beyond which the
+object has no palette colour."""
 
 TRIANGLE_SKEW = -0.12
 """Vertical skewness of a component's colour mass below which it is an (apex-up) triangle. A triangle's
@@ -39,7 +44,6 @@ AREA_FRACTION = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 
 _NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _NAMES], dtype=np.float32)
-_OTHER = len(_NAMES) + 1  # label of foreground pixels of no palette colour; 0 = background
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,8 @@ def detect_objects(image: Image.Image) -> list[Detection]:
     """Objects in `image`, in raster order of their first pixel."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     height, width, _ = rgb.shape
-    alpha, labels = _unmix(rgb)
-    components = _connected_components(labels)
+    alpha, residual, foreground = _unmix(rgb)
+    components = _connected_components(foreground)
     ids, areas = np.unique(components.ravel(), return_counts=True)  # id - 1 = first pixel: raster order
     min_area = MIN_OBJECT_AREA * height * width
     detections = []
@@ -63,11 +67,12 @@ def detect_objects(image: Image.Image) -> list[Detection]:
         if component == 0 or area < min_area:
             continue
         mask = components == component
-        label = int(labels.ravel()[component - 1])
-        color = _NAMES[label - 1] if label != _OTHER else None
+        mean_residual = residual[mask].mean(axis=0)  # per palette colour
+        best = int(mean_residual.argmin())
+        color = _NAMES[best] if mean_residual[best] <= MAX_COLOR_RESIDUAL else None
         # The object's colour mass: its alpha over the component and the background rim around it.
-        weights = alpha[..., label - 1] if color else mask.astype(np.float32)
-        weights = weights * (_dilate(mask, 2) & ((labels == 0) | mask))
+        weights = alpha[..., best] if color else mask.astype(np.float32)
+        weights = weights * (_dilate(mask, 2) & (~foreground | mask))
         detections.append(_measure(mask, weights, color, int(area)))
     return detections
 
@@ -76,9 +81,9 @@ def detect_scene(image: Image.Image) -> Scene:
     return Scene(tuple(d.obj for d in detect_objects(image)))
 
 
-def _unmix(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per pixel and palette colour, the alpha of that colour over the background; and per pixel a label:
-    0 background, 1..K the colour whose mixing line explains it best, K+1 foreground of no palette colour."""
+def _unmix(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pixel and palette colour, the alpha of that colour over the background and the residual of that
+    mix (both (H, W, K)); and the foreground mask: pixels whose best-explaining colour has alpha >= 0.5."""
     background = np.median(rgb.reshape(-1, 3), axis=0)
     offset = rgb - background  # (H, W, 3)
     direction = _PALETTE - background  # (K, 3)
@@ -86,8 +91,7 @@ def _unmix(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     residual = np.linalg.norm(offset[..., None, :] - alpha[..., None] * direction, axis=-1)
     best = residual.argmin(-1)[..., None]
     foreground = np.take_along_axis(alpha, best, -1)[..., 0] >= 0.5
-    explained = np.take_along_axis(residual, best, -1)[..., 0] <= MAX_COLOR_RESIDUAL
-    return alpha, np.where(foreground, np.where(explained, best[..., 0] + 1, _OTHER), 0)
+    return alpha, residual, foreground
 
 
 def _measure(mask: np.ndarray, weights: np.ndarray, color: str | None, area: int) -> Detection:
@@ -135,19 +139,19 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     return mask
 
 
-def _connected_components(labels: np.ndarray) -> np.ndarray:
-    """8-connected regions of equal non-zero label. Each pixel ends with 1 + the flat index of its
-    region's first pixel (0 on background): neighbour minima plus pointer jumping, a few passes."""
-    height, width = labels.shape
-    padded_labels = np.pad(labels, 1, constant_values=-1)
+def _connected_components(mask: np.ndarray) -> np.ndarray:
+    """8-connected regions of `mask`. Each pixel ends with 1 + the flat index of its region's first pixel
+    (0 outside the mask): neighbour minima plus pointer jumping, a few passes."""
+    height, width = mask.shape
+    padded_mask = np.pad(mask, 1)
     shifts = [
         (slice(1 + dy, 1 + dy + height), slice(1 + dx, 1 + dx + width))
         for dy in (-1, 0, 1)
         for dx in (-1, 0, 1)
         if dy or dx
     ]
-    links = [(rows, cols, padded_labels[rows, cols] == labels) for rows, cols in shifts]
-    ids = np.where(labels > 0, np.arange(1, height * width + 1).reshape(height, width), 0)
+    links = [(rows, cols, padded_mask[rows, cols] & mask) for rows, cols in shifts]
+    ids = np.where(mask, np.arange(1, height * width + 1).reshape(height, width), 0)
     while True:
         padded = np.pad(ids, 1)
         new = ids.copy()
