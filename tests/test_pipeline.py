@@ -10,8 +10,7 @@ from reflectionflow.models.corrector import corrector_forward, latent_ids
 from reflectionflow.models.loading import ModelNotFoundError, load_flux_pipeline
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict, save_lora
 from reflectionflow.models.pipeline import ReflectionFluxPipeline
-from reflectionflow.models.tiny import build_tiny_flux, build_tokenizers
-from reflectionflow.shapes.base import shapes_corpus
+from reflectionflow.models.tiny import build_tiny_flux
 
 PROMPT = "a photo of a red bench"
 
@@ -39,13 +38,6 @@ def test_tiny_flux_is_small_deterministic_and_loads(tmp_path, tiny_flux_path):
     assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 8
     image = pipe(PROMPT, height=64, width=64, num_inference_steps=2, max_sequence_length=32).images[0]
     assert image.size == (64, 64)
-
-
-def test_a_reflections_closing_word_is_the_prompts_token():
-    _, t5 = build_tokenizers(shapes_corpus())
-    reflection = t5("Change the green circle to red.").input_ids
-    assert t5.convert_ids_to_tokens(reflection)[-3:] == ["\u2581red", ".", "</s>"]
-    assert reflection[-3] == t5("a photo of a red circle").input_ids[4]  # trained with the prompts
 
 
 def test_missing_model_fails_with_one_clear_line(tmp_path):

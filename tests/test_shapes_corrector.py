@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import compose_app
 from hydra.utils import instantiate
-from test_shapes_recipes import FAST_BASE, FAST_VAE, latest, run_cli
+from test_shapes_recipes import build_fast, latest, run_cli
 
 FAST_CORRECTOR = [
     "data.model_samples=8",
@@ -30,15 +30,11 @@ FAST_CORRECTOR = [
 
 @pytest.fixture(scope="module")
 def corrector_run(tmp_path_factory):
-    """A tiny VAE and base model, then the corrector recipe on them (all through the CLI)."""
+    """A tiny text encoder, VAE and base model, then the corrector recipe on them (all through the CLI)."""
     cache = tmp_path_factory.mktemp("cache")
     runs = tmp_path_factory.mktemp("runs")
-    result = run_cli(runs / "vae", "shapes_vae", *FAST_VAE, cache=cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    vae = latest(cache, "shapes_vae")
-    result = run_cli(runs / "base", "shapes_base", *FAST_BASE, f"model.vae_path={vae}", cache=cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    base = latest(cache, "shapes_base")
+    text, vae = build_fast(cache, runs, "shapes_text"), build_fast(cache, runs, "shapes_vae")
+    base = build_fast(cache, runs, "shapes_base", f"model.vae_path={vae}", f"model.text_path={text}")
     overrides = [f"model.path={base}", *FAST_CORRECTOR]
     result = run_cli(runs / "corrector", "shapes_corrector", *overrides, cache=cache)
     assert result.returncode == 0, result.stderr[-3000:]

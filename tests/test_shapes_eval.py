@@ -18,12 +18,16 @@ from reflectionflow.shapes.world import PromptSpec, all_specs, render_scene, sam
 def shapes_flux(tmp_path_factory):
     """An untrained shapes FluxPipeline (8x VAE as the recipe's, toy transformer) in diffusers format."""
     from reflectionflow.shapes.base import build_flux_pipeline
+    from reflectionflow.shapes.text import TextEncoderModule
     from reflectionflow.shapes.vae import build_autoencoder
 
     root = tmp_path_factory.mktemp("flux")
     build_autoencoder((8, 8, 8, 8), 16, 1, 4).save_pretrained(root / "vae-product" / "vae")
+    t5 = {"d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
+    TextEncoderModule(t5, probe_examples=40).export(root / "text-product")
     pipe = build_flux_pipeline(
         str(root / "vae-product"),
+        str(root / "text-product"),
         transformer={
             "num_layers": 1,
             "num_single_layers": 1,
@@ -31,7 +35,6 @@ def shapes_flux(tmp_path_factory):
             "attention_head_dim": 16,
             "axes_dims_rope": [4, 6, 6],
         },
-        t5={"d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2},
         clip={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
     )
     pipe.save_pretrained(root / "pipe")

@@ -10,6 +10,12 @@ from helpers.cli import run_cli as run_app
 
 from reflectionflow.models.flow_matching import flow_matching_loss
 
+FAST_TEXT = [
+    "trainer.max_steps=2",
+    "data.batch_size=8",
+    "model.probe_examples=40",
+    "trainer.log_every_n_steps=1",
+]
 FAST_VAE = [
     "trainer.max_steps=2",
     "data.batch_size=4",
@@ -37,12 +43,25 @@ def latest(cache: Path, recipe: str) -> Path:
     return product
 
 
-@pytest.fixture(scope="module")
-def vae_product(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    result = run_cli(tmp_path_factory.mktemp("vae"), "shapes_vae", *FAST_VAE, cache=cache)
+def build_fast(cache: Path, runs: Path, recipe: str, *overrides: str) -> Path:
+    """A few-step build of `recipe` through the CLI (dependencies given as product paths in `overrides`)."""
+    fast = {"shapes_text": FAST_TEXT, "shapes_vae": FAST_VAE, "shapes_base": FAST_BASE}[recipe]
+    result = run_cli(runs / recipe, recipe, *fast, *overrides, cache=cache)
     assert result.returncode == 0, result.stderr[-3000:]
-    return cache, latest(cache, "shapes_vae")
+    return latest(cache, recipe)
+
+
+@pytest.fixture(scope="module")
+def products(tmp_path_factory):
+    """(cache, text product, VAE product) of few-step recipe runs."""
+    cache, runs = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs")
+    return cache, build_fast(cache, runs, "shapes_text"), build_fast(cache, runs, "shapes_vae")
+
+
+@pytest.fixture(scope="module")
+def vae_product(products):
+    cache, _, vae = products
+    return cache, vae
 
 
 def test_flow_matching_loss_is_zero_for_the_true_velocity():
@@ -86,16 +105,19 @@ def test_a_second_run_with_the_same_config_reuses_the_product(vae_product, tmp_p
     assert not (tmp_path / "again" / "logs").exists()  # nothing trained
 
 
-def test_base_recipe_saves_a_flux_pipeline_the_project_loads(vae_product, tmp_path):
+def test_base_recipe_saves_a_flux_pipeline_the_project_loads(products, tmp_path):
+    from safetensors.torch import load_file
+
     from reflectionflow.models.loading import load_flux_pipeline
 
-    cache, vae = vae_product
-    result = run_cli(tmp_path / "base", "shapes_base", *FAST_BASE, f"model.vae_path={vae}", cache=cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    product = latest(cache, "shapes_base")
+    cache, text, vae = products
+    product = build_fast(cache, tmp_path, "shapes_base", f"model.vae_path={vae}", f"model.text_path={text}")
     assert product.name.startswith("shapes_base-")
     flux = load_flux_pipeline(str(product))
     assert flux.vae_scale_factor == 8 and flux.transformer.config.num_layers == 1
+    frozen = load_file(text / "text_encoder_2" / "model.safetensors")
+    exported = load_file(product / "text_encoder_2" / "model.safetensors")
+    assert frozen.keys() == exported.keys() and all(torch.equal(frozen[k], exported[k]) for k in frozen)
     metrics = json.loads((product / "metrics.json").read_text())
     assert metrics["accuracy"] == pytest.approx(sum(metrics["per_tag"].values()) / 6)
     assert metrics["global_step"] == 2
@@ -137,15 +159,15 @@ def test_ddp_ranks_read_disjoint_slices_of_the_pool_and_distinct_streams(monkeyp
     assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(*endless, strict=True))
 
 
-def test_cached_latents_equal_fresh_encodings_and_are_encoded_once(vae_product, monkeypatch):
+def test_cached_latents_equal_fresh_encodings_and_are_encoded_once(products, monkeypatch):
     from reflectionflow.shapes.base import TextToImageModule
     from reflectionflow.shapes.pairs import ShapesPairs
 
-    _, vae = vae_product
+    _, text, vae = products
     tiny = dict(
+        text_path=str(text),
         transformer=dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
                          axes_dims_rope=[4, 6, 6]),
-        t5=dict(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8),
         clip=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                   projection_dim=16),
     )

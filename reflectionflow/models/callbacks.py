@@ -184,7 +184,8 @@ class SamplesPerSecond(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import time
 
-        self._samples += batch["image"].shape[0] * trainer.world_size
+        first = next(iter(batch.values()))  # batches are dicts of per-sample tensors or lists
+        self._samples += (first.shape[0] if hasattr(first, "shape") else len(first)) * trainer.world_size
         self._marks.append((time.perf_counter(), self._samples))
         self._marks = self._marks[-(self.window + 1) :]
         if len(self._marks) > 1:

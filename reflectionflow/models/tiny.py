@@ -50,10 +50,11 @@ def _word_counts(corpus: list[str], lower: bool) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
-def build_tokenizers(corpus: list[str]):
+def build_tokenizers(corpus: list[str], extra_ids: int = 0):
     """A byte-level BPE CLIP tokenizer and a Unigram T5 tokenizer whose vocabularies are the words of
     `corpus`: every corpus word is one T5 token (sentence punctuation its own), any other text falls back
-    to characters. CLIP's merges spell each word, but merges of more frequent words can win first ("green"
+    to characters. `extra_ids` T5 sentinels (`<extra_id_0>`, ...) follow the vocabulary, as T5's do (its
+    pretraining masks with them). CLIP's merges spell each word, but merges of more frequent words can win first ("green"
     -> g, re, e, n): distinct words stay distinct sequences, not always single tokens.
 
     Built by rule, not by the `tokenizers` trainers (whose merges and scores vary run to run), so the
@@ -82,7 +83,7 @@ def build_tokenizers(corpus: list[str]):
     characters = [(c, -20.0) for c in [" ", "\u2581", *(chr(c) for c in range(33, 127))]]
     seen = {piece for piece, _ in whole_words}
     pieces = specials + whole_words + [(c, score) for c, score in characters if c not in seen]
-    t5 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    t5 = T5Tokenizer(vocab=pieces, extra_ids=extra_ids, model_max_length=512)
     return clip, t5
 
 

@@ -1,7 +1,8 @@
 """A FLUX-architecture text-to-image model trained from scratch: the shapes world's base model.
 
-`FluxTransformer2DModel`, a CLIP and a T5 encoder at toy size are trained jointly with the shared
-flow-matching loss (`models.flow_matching`) on (prompt, image) pairs encoded by a frozen domain VAE.
+`FluxTransformer2DModel` and a CLIP text encoder at toy size are trained jointly with the shared
+flow-matching loss (`models.flow_matching`) on (prompt or detailed caption, image) pairs encoded by a
+frozen domain VAE; the T5 encoder is the text recipe's, pretrained and frozen, as FLUX's T5-XXL.
 Classifier-free guidance comes from prompt dropout: both encoders read "" (what `ReflectionFluxPipeline`'s
 `true_cfg_scale` feeds a base model's unconditional branch, as FluxPipeline with `negative_prompt=""`;
 a pooled prompt kept in that branch would carry the prompt into it and leave nothing for guidance). The
@@ -23,40 +24,27 @@ from reflectionflow.models.corrector import latent_ids
 from reflectionflow.models.flow_matching import flow_matching_loss
 from reflectionflow.models.optim import build_optimizers
 from reflectionflow.models.pipeline import ReflectionFluxPipeline, encode_images, quiet_prompt_truncation
-from reflectionflow.models.tiny import (
-    REFLECTION_WORDS,
-    build_tokenizers,
-    clip_text_encoder,
-    flux_dev_scheduler,
-    t5_encoder,
-)
+from reflectionflow.models.tiny import clip_text_encoder, flux_dev_scheduler
 from reflectionflow.shapes.evaluation import accuracy_by_category
-from reflectionflow.shapes.world import CATEGORIES, all_specs, heldout_eval_set, rendered_triplets
+from reflectionflow.shapes.text import load_text_encoder
+from reflectionflow.shapes.world import heldout_eval_set
 
 log = logging.getLogger(__name__)
 
 
-def shapes_corpus(n_reflections: int = 300) -> list[str]:
-    """Every prompt of the shapes world plus sample reflections: the tokenizers' vocabulary, so every word
-    of a prompt is one T5 token (at most 12 per prompt)."""
-    prompts = [spec.prompt for tag in CATEGORIES for spec in all_specs(tag)]
-    reflections = [triplet.reflection for triplet in rendered_triplets(n_reflections, seed=12345)]
-    return [*prompts, *reflections, REFLECTION_WORDS]
-
-
-def build_flux_pipeline(vae_path: str, transformer: dict, t5: dict, clip: dict, seed: int = 0):
-    """A FluxPipeline of fresh toy-size transformer and text encoders around the trained VAE."""
+def build_flux_pipeline(vae_path: str, text_path: str, transformer: dict, clip: dict, seed: int = 0):
+    """A FluxPipeline of a fresh toy-size transformer and CLIP text encoder around the trained VAE and the
+    pretrained, frozen T5 encoder (and the tokenizers) of the text recipe."""
     from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 
-    clip_tok, t5_tok = build_tokenizers(shapes_corpus())
+    clip_tok, t5_tok, text_encoder_2 = load_text_encoder(text_path)
     vae = AutoencoderKL.from_pretrained(Path(vae_path) / "vae")
     torch.manual_seed(seed)
     text_encoder = clip_text_encoder(clip_tok, **clip)
-    text_encoder_2 = t5_encoder(t5_tok, **t5)
     model = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * vae.config.latent_channels,
-        joint_attention_dim=t5["d_model"],
+        joint_attention_dim=text_encoder_2.config.d_model,
         pooled_projection_dim=clip["hidden_size"],
         guidance_embeds=False,
         **transformer,
@@ -121,8 +109,8 @@ class TextToImageModule(L.LightningModule):
     def __init__(
         self,
         vae_path: str,
+        text_path: str,
         transformer: dict,
-        t5: dict,
         clip: dict,
         prompt_dropout: float = 0.1,
         max_sequence_length: int = 24,
@@ -143,14 +131,14 @@ class TextToImageModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         quiet_prompt_truncation()
         # The pipeline is no nn.Module: the frozen VAE stays out of parameters and checkpoints.
-        self.pipe = build_flux_pipeline(vae_path, dict(transformer), dict(t5), dict(clip), seed)
+        self.pipe = build_flux_pipeline(vae_path, text_path, dict(transformer), dict(clip), seed)
         self.transformer = self.pipe.transformer.train()
-        self.text_encoder = self.pipe.text_encoder.train()
-        self.text_encoder_2 = self.pipe.text_encoder_2.train()
+        self.text_encoder = self.pipe.text_encoder.train()  # T5 (pipe.text_encoder_2) stays frozen
         self.latent_cache = LatentCache() if cache_latents else None
 
     def on_fit_start(self) -> None:
         self.pipe.vae.to(self.device)
+        self.pipe.text_encoder_2.to(self.device)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -205,7 +193,7 @@ class TextToImageModule(L.LightningModule):
         """The trained FluxPipeline (diffusers format) at `path` and its held-out accuracy in metrics.json."""
         hp = self.hparams
         self.pipe.to("cpu")
-        for module in (self.transformer, self.text_encoder, self.text_encoder_2):
+        for module in (self.transformer, self.text_encoder):
             module.eval()
         path.mkdir(parents=True, exist_ok=True)
         self.pipe.save_pretrained(path, safe_serialization=True)

@@ -1,6 +1,10 @@
 """(prompt, correct image) pairs of the training prompts, rendered on the fly: the VAE's and the base
 text-to-image model's training data. The stream is a pure function of (seed, worker), endless.
 
+With `caption_fraction` p, a share p of the examples are captioned in detail instead (every object's
+colour, shape and cell, `world.captions`), as FLUX trains on rich captions beside short prompts; a scene
+that satisfies a held-out prompt always keeps its short prompt.
+
 With `pool_size` the stream cycles through a fixed pool of that many examples instead (a fresh shuffle per
 epoch); each sample carries its pool index as `key`, so a trainer can cache per-example work such as VAE
 latents (`TextToImageModule(cache_latents=True)`)."""
@@ -16,9 +20,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.utils import pytorch_worker_info
 
-from reflectionflow.shapes.world.render import render_scene
-from reflectionflow.shapes.world.sampling import sample_example
-from reflectionflow.shapes.world.vocabulary import DEFAULT_SIZE
+from reflectionflow.shapes.world import (
+    DEFAULT_SIZE,
+    caption_allowed,
+    caption_spec,
+    render_scene,
+    sample_example,
+)
 
 
 def image_tensor(image) -> torch.Tensor:
@@ -37,11 +45,19 @@ def tensor_image(pixels: torch.Tensor):
 
 class ShapesPairs(IterableDataset):
     def __init__(
-        self, split: str = "train", image_size: int = DEFAULT_SIZE, seed: int = 0, pool_size: int | None = None
+        self,
+        split: str = "train",
+        image_size: int = DEFAULT_SIZE,
+        seed: int = 0,
+        pool_size: int | None = None,
+        caption_fraction: float = 0.0,
     ):
         if pool_size is not None and pool_size < 1:
             raise ValueError(f"data.pool_size must be >= 1 or null (endless fresh examples), got {pool_size}")
+        if not 0.0 <= caption_fraction <= 1.0:
+            raise ValueError(f"data.caption_fraction must be in [0, 1], got {caption_fraction}")
         self.split, self.image_size, self.seed, self.pool_size = split, image_size, seed, pool_size
+        self.caption_fraction = caption_fraction
 
     def __iter__(self) -> Iterator[dict]:
         # Each reader (DDP rank x DataLoader worker) draws its own endless stream, or its own slice of every
@@ -63,6 +79,8 @@ class ShapesPairs(IterableDataset):
 
     def _pair(self, rng: np.random.Generator) -> dict:
         spec, scene = sample_example(rng, self.split)
+        if self.caption_fraction and rng.random() < self.caption_fraction and caption_allowed(scene):
+            spec = caption_spec(scene, rng)
         return {"image": image_tensor(render_scene(scene, self.image_size)), "prompt": spec.prompt}
 
 
@@ -74,9 +92,10 @@ class ShapesPairsDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pool_size: int | None = None,
+        caption_fraction: float = 0.0,
     ):
         super().__init__()
-        self.dataset = ShapesPairs("train", image_size, seed, pool_size)  # checks pool_size now, not at fit
+        self.dataset = ShapesPairs("train", image_size, seed, pool_size, caption_fraction)  # checks now, not at fit
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def train_dataloader(self) -> DataLoader:

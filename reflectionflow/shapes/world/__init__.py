@@ -2,6 +2,7 @@
 categories, an exact checker (the verifier), a rule-based reflector, an editor that carries out its
 reflections, and GenRef-format triplets of (flawed image, reflection, correct image)."""
 
+from reflectionflow.shapes.world.captions import caption_allowed, caption_spec
 from reflectionflow.shapes.world.checker import CheckResult, Problem, check_image, check_scene
 from reflectionflow.shapes.world.detect import detect_objects, detect_scene
 from reflectionflow.shapes.world.editor import apply_edits, apply_reflection
@@ -20,9 +21,10 @@ from reflectionflow.shapes.world.sampling import (
 from reflectionflow.shapes.world.scene import Scene, ShapeObject, relation_holds
 from reflectionflow.shapes.world.spec import ObjectRequirement, PromptSpec
 from reflectionflow.shapes.world.triplets import Triplet, make_triplet, rendered_triplets
-from reflectionflow.shapes.world.vocabulary import CATEGORIES, COLORS, DEFAULT_SIZE, SHAPES
+from reflectionflow.shapes.world.vocabulary import CAPTION, CATEGORIES, COLORS, DEFAULT_SIZE, SHAPES
 
 __all__ = [
+    "CAPTION",
     "CATEGORIES",
     "COLORS",
     "DEFAULT_SIZE",
@@ -40,6 +42,8 @@ __all__ = [
     "applicable_flaws",
     "apply_edits",
     "apply_reflection",
+    "caption_allowed",
+    "caption_spec",
     "check_image",
     "check_scene",
     "detect_objects",

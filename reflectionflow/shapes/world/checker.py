@@ -26,10 +26,10 @@ generated image cheap; the rest become extras)."""
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # missing | extra | wrong_color | wrong_shape | wrong_relation
+    kind: str  # missing | extra | wrong_color | wrong_shape | wrong_cell | wrong_relation
     requirement: int | None = None  # index into spec.include
     obj: int | None = None  # index into the detected scene
-    expected: str | None = None  # the colour, shape or relation the spec asks for
+    expected: str | None = None  # the colour, shape, location phrase or relation the spec asks for
     reference: int | None = None  # wrong_relation: the object the relation is measured against
 
 
@@ -79,11 +79,14 @@ def check_scene(scene: Scene, spec: PromptSpec) -> CheckResult:
 
 
 def similarity(req: ObjectRequirement, obj: ShapeObject) -> float:
-    """1 for a perfect instance; with a colour asked for, 0.5 when only shape or only colour is right."""
-    shape_ok = obj.shape == req.shape
-    if req.color is None:
-        return float(shape_ok)
-    return (shape_ok + (obj.color == req.color)) / 2
+    """1 for a perfect instance; else the share of the asked-for attributes (shape, and colour and cell
+    when given) that are right."""
+    right = [obj.shape == req.shape]
+    if req.color is not None:
+        right.append(obj.color == req.color)
+    if req.cell is not None:
+        right.append(obj.cell == req.cell)
+    return sum(right) / len(right)
 
 
 def _best_match(
@@ -136,6 +139,8 @@ def _problems(
                 problems.append(Problem("wrong_shape", i, j, req.shape))
             if req.color is not None and objects[j].color != req.color:
                 problems.append(Problem("wrong_color", i, j, req.color))
+            if req.cell is not None and objects[j].cell != req.cell:
+                problems.append(Problem("wrong_cell", i, j, LOCATIONS[req.cell]))
         problems.extend(Problem("missing", i) for _ in range(req.count - len(assigned)))
     assigned_anywhere = {j for assigned in assignment for j in assigned}
     problems.extend(Problem("extra", obj=j) for j in range(len(objects)) if j not in assigned_anywhere)
@@ -182,4 +187,6 @@ def _message(problem: Problem, spec: PromptSpec, scene: Scene) -> str:
         return f"{the(problem.obj)} should be {problem.expected}"
     if problem.kind == "wrong_shape":
         return f"{the(problem.obj)} should be a {problem.expected}"
+    if problem.kind == "wrong_cell":
+        return f"{the(problem.obj)} should be {problem.expected}"
     return f"{the(problem.obj)} should be {problem.expected} {the(problem.reference)}"

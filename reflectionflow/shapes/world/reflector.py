@@ -27,6 +27,8 @@ def reflect(result: CheckResult, rng: np.random.Generator | None = None) -> str:
 
 
 def plan_edits(result: CheckResult, rng: np.random.Generator | None = None) -> list[Edit]:
+    if any(p.kind == "wrong_cell" for p in result.problems):
+        raise ValueError("the reflector plans edits for the six prompt categories, not for captions' cells")
     plan = _Plan(result)
     _remove_extras(plan, result)
     _change_attributes(plan, result)

@@ -6,9 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from reflectionflow.shapes.world.vocabulary import (
+    CAPTION,
     CATEGORIES,
+    CELLS,
     COLORS,
     INVERSE_RELATION,
+    LOCATIONS,
     MAX_OBJECTS,
     NUMBER_WORDS,
     RELATIONS,
@@ -19,20 +22,22 @@ from reflectionflow.shapes.world.vocabulary import (
 @dataclass(frozen=True)
 class ObjectRequirement:
     """One GenEval `include` entry: `count` objects of `shape` (and `color`, if given), optionally
-    placed `position = (relation, index of the reference requirement)`."""
+    placed `position = (relation, index of the reference requirement)` or, in captions, in grid `cell`."""
 
     shape: str
     count: int = 1
     color: str | None = None
     position: tuple[str, int] | None = None
+    cell: tuple[int, int] | None = None
 
     def phrase(self) -> str:
-        """'a red circle', 'three squares'."""
+        """'a red circle', 'three squares', 'a red circle in the top left'."""
         noun = self.shape if self.count == 1 else self.shape + "s"
         words = " ".join(w for w in (self.color, noun) if w)
+        where = f" {LOCATIONS[self.cell]}" if self.cell is not None else ""
         if self.count > 1:
-            return f"{NUMBER_WORDS[self.count]} {words}"
-        return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+            return f"{NUMBER_WORDS[self.count]} {words}{where}"
+        return f"{'an' if words[0] in 'aeiou' else 'a'} {words}{where}"
 
     def to_geneval(self) -> dict[str, Any]:
         record: dict[str, Any] = {"class": self.shape, "count": self.count}
@@ -40,6 +45,8 @@ class ObjectRequirement:
             record["color"] = self.color
         if self.position is not None:
             record["position"] = list(self.position)
+        if self.cell is not None:
+            record["cell"] = list(self.cell)
         return record
 
 
@@ -57,13 +64,15 @@ class PromptSpec:
             raise ValueError(f"invalid shapes prompt spec {self.tag!r} {self.include!r}: {problem}")
 
     def _invalid(self) -> str | None:
-        if self.tag not in CATEGORIES:
-            return f"tag must be one of {CATEGORIES}"
+        if self.tag not in (*CATEGORIES, CAPTION):
+            return f"tag must be one of {(*CATEGORIES, CAPTION)}"
         if not self.include:
             return "no objects"
         for i, req in enumerate(self.include):
             if req.shape not in SHAPES or (req.color is not None and req.color not in COLORS):
                 return f"unknown shape or colour in {req}"
+            if req.cell is not None and (req.cell not in CELLS or req.count != 1):
+                return f"a cell names one object in one of {CELLS}: {req}"
             if req.position is not None and (
                 req.position[0] not in RELATIONS
                 or req.position[1] in (i, None)
@@ -71,8 +80,10 @@ class PromptSpec:
             ):
                 return f"bad position {req.position}"
             for other in self.include[:i]:
-                if other.shape == req.shape and (
-                    other.color is None or req.color is None or other.color == req.color
+                if (
+                    other.shape == req.shape
+                    and (other.color is None or req.color is None or other.color == req.color)
+                    and (other.cell is None or req.cell is None or other.cell == req.cell)
                 ):
                     return "two requirements can select the same object"
         if not 1 <= self.total_objects <= MAX_OBJECTS:
@@ -90,7 +101,10 @@ class PromptSpec:
             if req.position is not None:
                 relation, reference = req.position
                 return f"a photo of {req.phrase()} {relation} {self.include[reference].phrase()}"
-        return "a photo of " + " and ".join(req.phrase() for req in self.include)
+        phrases = [req.phrase() for req in self.include]
+        if len(phrases) > 2:  # captions: 'a A, a B and a C'
+            phrases = [", ".join(phrases[:-1]), phrases[-1]]
+        return "a photo of " + " and ".join(phrases)
 
     @property
     def canonical_key(self) -> str:
@@ -121,6 +135,7 @@ class PromptSpec:
                 count=int(entry.get("count", 1)),
                 color=entry.get("color"),
                 position=tuple(entry["position"]) if entry.get("position") else None,
+                cell=tuple(entry["cell"]) if entry.get("cell") else None,
             )
             for entry in record["include"]
         )
@@ -131,4 +146,5 @@ class PromptSpec:
 
 
 def _describe(req: ObjectRequirement) -> str:
-    return f"{req.count} {req.color or 'any'} {req.shape}"
+    where = "" if req.cell is None else f" @{req.cell[0]}{req.cell[1]}"
+    return f"{req.count} {req.color or 'any'} {req.shape}{where}"

@@ -26,6 +26,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+CAPTION = "caption"
+"""Tag of a detailed caption's spec: every object with its colour, shape and cell (base-model training text,
+like GenRef's long prompts); not an evaluation category."""
 RELATIONS = ("left of", "right of", "above", "below")
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 COUNTS = (2, 3, 4)
