@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import compose_app
 from hydra.utils import instantiate
+
+from reflectionflow.shapes.evaluation import EDIT_TYPES
 from test_shapes_recipes import build_fast, latest, run_cli
 
 FAST_CORRECTOR = [
@@ -25,6 +27,8 @@ FAST_CORRECTOR = [
     "model.lora_rank=4",
     "model.eval_per_category=1",
     "model.eval_steps=2",
+    "data.num_val_samples=6",
+    "callbacks.diagnostics.every_n_steps=1",
 ]
 
 
@@ -72,7 +76,8 @@ def test_recipe_trains_the_lora_on_shards_the_genref_datamodule_reads(corrector_
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["image"].shape == (4, 3, 48, 48) and batch["condition"].shape == (4, 3, 48, 48)
     assert all(subset in ("general", "editing") for subset in batch["subset"])
-    assert (run / "logs" / "metrics.csv").is_file()
+    header = (run / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/loss", "diagnostics/t0.9/condition_ratio", "diagnostics/t0.3/real_unchanged"} <= set(header)
 
 
 def test_lora_loads_with_the_project_loader_and_changes_the_corrector(corrector_run):
@@ -102,6 +107,8 @@ def test_metrics_hold_the_four_ablations_and_the_base_model(corrector_run):
     for name in ("full", "no_reflection", "no_condition", "condition_only"):
         per_tag = metrics[name]["per_tag"]  # one case per category (eval_per_category=1)
         assert len(per_tag) == 6 and metrics[name]["fix_rate"] == pytest.approx(sum(per_tag.values()) / 6)
+        assert set(metrics[name]["per_edit_count"]) <= {"1 edit", "2+ edits"}
+        assert set(metrics[name]["per_edit_type"]) <= set(EDIT_TYPES) and metrics[name]["per_edit_type"]
     assert metrics["already_correct"] == 0.0  # flawed renders fail the checker by construction
     base = metrics["base_model"]
     assert base["accuracy"] == pytest.approx(sum(base["per_tag"].values()) / 6) and metrics["global_step"] == 2

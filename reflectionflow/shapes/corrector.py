@@ -21,15 +21,9 @@ from reflectionflow.models.lora import save_lora
 from reflectionflow.models.module import ReflectionTuningModule
 from reflectionflow.models.pipeline import ReflectionFluxPipeline
 from reflectionflow.shapes.base import sample_accuracy
-from reflectionflow.shapes.evaluation import accuracy_by_category
-from reflectionflow.shapes.world import (
-    check_image,
-    heldout_eval_set,
-    make_flawed,
-    make_triplet,
-    render_scene,
-    sample_scene,
-)
+from reflectionflow.shapes.evaluation import checker_verdicts, edit_groups, rates
+from reflectionflow.shapes.triplets import heldout_flawed_cases
+from reflectionflow.shapes.world import check_image
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +33,12 @@ condition and the prompt alone (the training image drop); condition_only: T5 rea
 and the pooled prompt alone, as the training text drop)."""
 
 
-def heldout_flawed_cases(n_per_category: int, image_size: int, seed: int) -> list:
-    """One flawed render with its reflection (a `Triplet`) per held-out evaluation prompt."""
-    rng = np.random.default_rng([seed, 3])
-    cases = []
-    for spec in heldout_eval_set(n_per_category, seed):
-        for _ in range(100):
-            flawed, flaw = make_flawed(spec, sample_scene(spec, rng), rng)
-            case = make_triplet(spec, render_scene(flawed, image_size), rng, editing=True, size=image_size,
-                                meta={"flaw": flaw, "spec": spec})
-            if case is not None:
-                cases.append(case)
-                break
-        else:
-            raise RuntimeError(f"no usable flawed render of {spec.prompt!r} in 100 tries")
-    return cases
-
-
 @torch.no_grad()
 def corrector_fix_rates(
     pipe, cases: list, *, image_size: int, num_inference_steps: int, true_cfg_scale: float, seed: int
 ) -> dict[str, dict[str, Any]]:
-    """Checker pass rate of the corrections of `cases` under each input of `ABLATIONS` (same noises)."""
+    """Checker pass rate of the corrections of `cases` under each input of `ABLATIONS` (same noises):
+    overall, per category, per edit type the reflection asks for and per number of edits."""
     size = image_size
     prompts = [c.prompt for c in cases]
     flawed = [c.bad for c in cases]
@@ -73,15 +51,18 @@ def corrector_fix_rates(
     }
     noises = torch.stack([pipe.initial_noise(seed + i, size, size) for i in range(len(cases))])
     specs = [case.meta["spec"] for case in cases]
+    kinds, counts = zip(*(edit_groups(case.reflection) for case in cases), strict=True)
     results = {}
     for name in ABLATIONS:
-
-        def corrections(start: int, chunk, name=name) -> list:
-            return pipe.generate(noises=noises, height=size, width=size, num_inference_steps=num_inference_steps,
-                                 true_cfg_scale=true_cfg_scale, **inputs[name])
-
-        fix_rate, per_tag = accuracy_by_category(specs, corrections, batch=len(specs))
-        results[name] = {"fix_rate": fix_rate, "per_tag": per_tag}
+        images = pipe.generate(noises=noises, height=size, width=size, num_inference_steps=num_inference_steps,
+                               true_cfg_scale=true_cfg_scale, **inputs[name])
+        verdicts = checker_verdicts(specs, lambda start, chunk, images=images: images, batch=len(specs))
+        results[name] = {
+            "fix_rate": float(np.mean(verdicts)),
+            "per_tag": rates(verdicts, [[spec.tag] for spec in specs]),
+            "per_edit_type": rates(verdicts, kinds),
+            "per_edit_count": rates(verdicts, [[count] for count in counts]),
+        }
     return results
 
 

@@ -27,9 +27,18 @@ import webdataset as wds
 from PIL import Image
 
 from reflectionflow.data.datamodule import GenRefDataModule
-from reflectionflow.shapes.world.checker import check_image
-from reflectionflow.shapes.world.sampling import sample_example
-from reflectionflow.shapes.world.triplets import Triplet, make_triplet, rendered_triplets
+from reflectionflow.data.transforms import t5_text
+from reflectionflow.shapes.world import (
+    Triplet,
+    check_image,
+    heldout_eval_set,
+    make_flawed,
+    make_triplet,
+    render_scene,
+    rendered_triplets,
+    sample_example,
+    sample_scene,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +97,23 @@ def model_sample_triplets(
                 triplets.append(triplet)
         log.info("base-model samples: %d / %d", min(start + batch_size, n), n)
     return triplets, counts
+
+
+def heldout_flawed_cases(n_per_category: int, image_size: int, seed: int) -> list:
+    """One flawed render with its reflection (a `Triplet`) per held-out evaluation prompt."""
+    rng = np.random.default_rng([seed, 3])
+    cases = []
+    for spec in heldout_eval_set(n_per_category, seed):
+        for _ in range(100):
+            flawed, flaw = make_flawed(spec, sample_scene(spec, rng), rng)
+            case = make_triplet(spec, render_scene(flawed, image_size), rng, editing=True, size=image_size,
+                                meta={"flaw": flaw, "spec": spec})
+            if case is not None:
+                cases.append(case)
+                break
+        else:
+            raise RuntimeError(f"no usable flawed render of {spec.prompt!r} in 100 tries")
+    return cases
 
 
 def triplet_stats(triplets: list[Triplet], model_counts: Counter, model_samples: int) -> dict[str, Any]:
@@ -202,6 +228,19 @@ class ShapesTripletsDataModule(GenRefDataModule):
 
     def stats(self) -> dict[str, Any]:
         return json.loads((self.build() / "stats.json").read_text())
+
+    def validation_samples(self) -> list[dict[str, Any]]:
+        """Editing triplets of held-out prompts (flawed renders, never trained on), as GenRefDataModule's
+        validation samples: PIL `image` (target) and `condition`, `prompt`, `reflection`, `t5_text`."""
+        if self._val_samples is None:
+            per_category = -(-self.num_val_samples // 6)
+            cases = heldout_flawed_cases(per_category, self.build_config["image_size"], self.seed + 1)
+            self._val_samples = [
+                {"image": case.good, "condition": case.bad, "prompt": case.prompt, "reflection": case.reflection,
+                 "t5_text": t5_text(case.prompt, case.reflection), "subset": case.subset}
+                for case in cases[: self.num_val_samples]
+            ]
+        return self._val_samples
 
 
 def triplets_dir(build_config: dict[str, Any]) -> Path:
