@@ -20,7 +20,6 @@ order, which is exactly the one the full search would select (ties keep the firs
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,14 +150,13 @@ class SearchEngine:
         self.queue = GenerationQueue(generator)
 
     async def search(self, item: PromptItem) -> PromptSearch:
-        start = time.perf_counter()
         budget = Budget()
-        if self.config.strategy == "zero_order":
-            candidates = await self._zero_order(item, budget)
-        else:
-            candidates = await self._chains(item, budget)
-        best = max(candidates, key=lambda c: c.score.rank)  # first of equals: earliest round, lowest chain
-        budget.add_time("total", time.perf_counter() - start)
+        with budget.timed("total"):
+            if self.config.strategy == "zero_order":
+                candidates = await self._zero_order(item, budget)
+            else:
+                candidates = await self._chains(item, budget)
+            best = max(candidates, key=lambda c: c.score.rank)  # first of equals: earliest round, lowest chain
         return PromptSearch(item, self.config, candidates, best, budget, self._reached_stop(best.score))
 
     def _reached_stop(self, score: Score) -> bool:
@@ -280,9 +278,8 @@ class SearchEngine:
             loop.call_soon_threadsafe(evaluate, index, result)
 
         try:
-            start = time.perf_counter()
-            results = await self.queue.generate(requests, on_result)
-            budget.add_time("generate", time.perf_counter() - start)
+            with budget.timed("generate"):
+                results = await self.queue.generate(requests, on_result)
             for index, result in enumerate(results):  # generators may skip the callback
                 evaluate(index, result)
             budget.images += len(results)
@@ -298,9 +295,8 @@ class SearchEngine:
     async def _evaluate(
         self, item: PromptItem, candidate: Candidate, budget: Budget, advise: bool
     ) -> tuple[Candidate, _Advice | None]:
-        start = time.perf_counter()
-        [candidate.score] = await self.verifier.score([candidate.image], item.prompt, item.record)
-        budget.add_time("verify", time.perf_counter() - start)
+        with budget.timed("verify"):
+            [candidate.score] = await self.verifier.score([candidate.image], item.prompt, item.record)
         budget.verifier.add(candidate.score.usage)
         advise = advise and not self._reached_stop(candidate.score)  # the search ends with this image
         return candidate, (await self._advise(item, candidate, budget) if advise else None)
@@ -309,25 +305,23 @@ class SearchEngine:
         """Reflect on a chain's latest image and/or refine its prompt (a failed call changes nothing)."""
         advice = _Advice(candidate.prompt)
         if self.config.reflects:
-            start = time.perf_counter()
-            answer = await self.reflector.reflect(candidate.image, item.prompt, candidate.score, item.record)
-            budget.add_time("reflect", time.perf_counter() - start)
+            with budget.timed("reflect"):
+                answer = await self.reflector.reflect(candidate.image, item.prompt, candidate.score, item.record)
             budget.reflector.add(answer.usage)
             if answer.ok:
                 advice.reflection = answer.text
             else:
                 advice.failures.append({"stage": "reflect", "error": answer.error, "raw": answer.raw})
         if self.config.refines:
-            start = time.perf_counter()
-            answer = await self.refiner.refine(
-                candidate.image,
-                candidate.prompt,
-                candidate.score,
-                advice.reflection,
-                goal=item.prompt,
-                meta=item.record,
-            )
-            budget.add_time("refine", time.perf_counter() - start)
+            with budget.timed("refine"):
+                answer = await self.refiner.refine(
+                    candidate.image,
+                    candidate.prompt,
+                    candidate.score,
+                    advice.reflection,
+                    goal=item.prompt,
+                    meta=item.record,
+                )
             budget.refiner.add(answer.usage)
             if answer.ok:
                 advice.prompt = answer.text

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +78,16 @@ class RunWriter:
         return result
 
     def write(self, search: PromptSearch) -> dict[str, Any]:
-        start = time.perf_counter()
         folder = self.prompt_dir(search.item.index)
-        if folder.exists():  # leftovers of a killed run
-            shutil.rmtree(folder)
-        atomic_write(
-            folder / "metadata.jsonl", (json.dumps(search.item.record, ensure_ascii=False) + "\n").encode()
-        )
-        for candidate in search.candidates:
-            atomic_write(folder / candidate.file, _png_bytes(candidate.image))
-        atomic_write(folder / "samples" / "0000.png", _png_bytes(search.best.image))
-        search.budget.add_time("write", time.perf_counter() - start)
+        with search.budget.timed("write"):
+            if folder.exists():  # leftovers of a killed run
+                shutil.rmtree(folder)
+            atomic_write(
+                folder / "metadata.jsonl", (json.dumps(search.item.record, ensure_ascii=False) + "\n").encode()
+            )
+            for candidate in search.candidates:
+                atomic_write(folder / candidate.file, _png_bytes(candidate.image))
+            atomic_write(folder / "samples" / "0000.png", _png_bytes(search.best.image))
         result = {
             "index": search.item.index,
             "prompt": search.item.prompt,
