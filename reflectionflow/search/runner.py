@@ -17,8 +17,8 @@ from typing import Any
 from tqdm import tqdm
 
 from reflectionflow.search.engine import PromptSearch, SearchEngine
-from reflectionflow.search.outputs import RunWriter
 from reflectionflow.search.prompts import PromptItem, shard
+from reflectionflow.search.run_dir import RunWriter
 
 log = logging.getLogger(__name__)
 PromptCallback = Callable[[dict[str, Any], dict[str, Any]], None]  # (prompt's search.json, run summary)
