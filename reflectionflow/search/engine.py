@@ -270,7 +270,8 @@ class SearchStrategy(ABC):
                 [candidate.image], self.item.prompt, self.item.record
             )
         self.budget.verifier.add(candidate.score.usage)
-        if next_inputs_of is None or self._reaches_stop_score(candidate.score):  # the search ends here
+        # an image that reaches the stop score ends the search: there is no next round to prepare
+        if next_inputs_of is None or self._reaches_stop_score(candidate.score):
             return candidate, None
         return candidate, await next_inputs_of(candidate)
 
