@@ -61,12 +61,12 @@ async def sequential(generator, verifier, reflector, item, config: SearchConfig)
     reflections: list[str | None] = [None] * config.width
     conditions = [None] * config.width
     best, calls = float("-inf"), 0
-    for round in range(config.depth + 1):
+    for round_index in range(config.depth + 1):
         requests = [
             GenerationRequest(
                 prompt=item.prompt,
                 original_prompt=item.prompt,
-                seed=derive_seed(config.seed, item.index, chain, round),
+                seed=derive_seed(config.seed, item.index, chain, round_index),
                 condition=conditions[chain],
                 reflection=reflections[chain],
             )
@@ -79,7 +79,7 @@ async def sequential(generator, verifier, reflector, item, config: SearchConfig)
             scores.append(score)
             calls += 1
         best = max([best] + [s.value for s in scores])
-        if round < config.depth:
+        if round_index < config.depth:
             for chain, (image, score) in enumerate(zip(images, scores, strict=True)):
                 reflections[chain] = (await reflector.reflect(image, item.prompt, score, item.record)).text
                 conditions[chain] = image

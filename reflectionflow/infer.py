@@ -29,15 +29,11 @@ from reflectionflow.search.config import SearchConfig
 from reflectionflow.search.engine import SearchEngine
 from reflectionflow.search.errors import FatalAPIError, SetupError
 from reflectionflow.search.prompts import PromptItem, shard, single_prompt
-from reflectionflow.search.results import assess, job_result, read_budget, write_result
+from reflectionflow.search.result_file import assess, job_result, read_budget, write_result
+from reflectionflow.search.run_dir import shard_suffix
 from reflectionflow.search.runner import run_search
 from reflectionflow.search.secrets import check_api_keys
-from reflectionflow.search.sharding import (
-    resolve_shard,
-    shard_suffix,
-    shard_suffix_resolver,
-    sharding_environment,
-)
+from reflectionflow.search.sharding import resolve_shard, shard_suffix_resolver, sharding_environment
 from reflectionflow.search.wandb_logging import JobTracker, WandbSettings
 
 log = logging.getLogger(__name__)

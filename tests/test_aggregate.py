@@ -21,7 +21,7 @@ from reflectionflow.search.aggregation import (
     plot_scaling,
 )
 from reflectionflow.search.budget import Budget, Usage
-from reflectionflow.search.results import PromptOutcome, job_result, write_result
+from reflectionflow.search.result_file import PromptOutcome, job_result, write_result
 
 SCORES = {  # (preset, width, depth, verifier) -> selected scores of the two prompts
     ("noise", 1, 0, "a"): (0.2, 0.4),

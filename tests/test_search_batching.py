@@ -162,7 +162,7 @@ def test_stop_score_spends_less_and_selects_the_same_image(tmp_path, config):
 
 def test_stop_score_is_recorded_in_the_result(tmp_path):
     from reflectionflow.search.budget import Budget
-    from reflectionflow.search.results import assess, job_result
+    from reflectionflow.search.result_file import assess, job_result
 
     config = SearchConfig(width=8, stop_score=1.0)
     run_dir, _ = run(tmp_path, "run", config, concurrency=2, verifier=ThresholdVerifier(0.75))

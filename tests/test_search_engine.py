@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from reflectionflow.search.budget import Budget
-from reflectionflow.search.config import Axes, SearchConfig, planned_cost
-from reflectionflow.search.engine import SearchEngine, assign_parents
+from reflectionflow.search.config import STRATEGIES, Axes, SearchConfig, planned_cost
+from reflectionflow.search.engine import STRATEGY_CLASSES, SearchEngine, assign_parents
 from reflectionflow.search.errors import SetupError
 from reflectionflow.search.generator import DeterministicGenerator
 from reflectionflow.search.noise import derive_seed, perturb_noise
@@ -135,6 +135,10 @@ def test_seeds_are_a_pure_function_and_the_noise_axis_controls_them():
     assert len({c.seed for c in fresh.candidates}) == 6
     for chain in range(2):
         assert len({c.seed for c in kept.candidates if c.chain == chain}) == 1
+
+
+def test_every_configurable_strategy_has_a_search_class():
+    assert set(STRATEGY_CLASSES) == set(STRATEGIES)
 
 
 def test_zero_order_explores_the_neighbourhood_of_the_best_noise():

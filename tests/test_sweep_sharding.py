@@ -18,17 +18,11 @@ import reflectionflow.infer  # noqa: F401  (registers the rf.shard_suffix resolv
 from reflectionflow.aggregate import main as aggregate_cli
 from reflectionflow.search.config import Axes, SearchConfig
 from reflectionflow.search.errors import SetupError
-from reflectionflow.search.outputs import RunWriter
 from reflectionflow.search.prompts import PromptItem, shard
-from reflectionflow.search.results import assess, job_result, read_budget, write_result
+from reflectionflow.search.result_file import assess, job_result, read_budget, write_result
+from reflectionflow.search.run_dir import RunWriter, shard_suffix
 from reflectionflow.search.runner import run_search
-from reflectionflow.search.sharding import (
-    environment_shard,
-    merge_runs,
-    resolve_shard,
-    shard_suffix,
-    sharding_environment,
-)
+from reflectionflow.search.sharding import environment_shard, merge_runs, resolve_shard, sharding_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = SearchConfig(width=2, depth=1, axes=Axes(noise=True, prompt=True, reflection=True))

@@ -23,8 +23,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 from omegaconf import DictConfig
 
 from reflectionflow.search.errors import SetupError
-from reflectionflow.search.outputs import atomic_write
-from reflectionflow.search.results import read_results
+from reflectionflow.search.result_file import read_results
+from reflectionflow.search.run_dir import atomic_write
 from reflectionflow.search.wandb_logging import log_scaling, settings_from_results
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,9 @@ def plot_scaling(rows: Sequence[JobRow]) -> Figure:
             ax = axes[row_index][column]
             for series_index, (series, members) in enumerate(_series(rows).items()):
                 color = f"C{series_index % 10}"
-                points = [(_x(r, x_key), getattr(r, metric)) for r in members if getattr(r, metric) is not None]
+                points = [
+                    (_x(r, x_key), getattr(r, metric)) for r in members if getattr(r, metric) is not None
+                ]
                 if not points:
                     continue
                 ax.scatter(*zip(*points, strict=True), color=color, alpha=0.35, s=18)

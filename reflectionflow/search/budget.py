@@ -8,7 +8,9 @@ to more than the prompt's wall time, which `seconds["total"]` records.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -54,6 +56,14 @@ class Budget:
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Adds the wall time of the `with` block to `stage` (a block that raises adds nothing: its search
+        is abandoned with its budget)."""
+        start = time.perf_counter()
+        yield
+        self.add_time(stage, time.perf_counter() - start)
 
     def add(self, other: Budget) -> None:
         self.images += other.images

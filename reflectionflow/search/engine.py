@@ -1,27 +1,44 @@
-"""The width x depth search over noise, prompt and reflection (and tt-scale-flux's zero-order search).
+"""Inference-time search for one prompt, in rounds: ReflectionFlow's width x depth search over noise,
+prompt and reflection, and tt-scale-flux's zero-order search over noises.
 
-Round 0 makes `width` base images. Each later round, every surviving chain's latest image is verified,
-reflected on (reflection axis) and its prompt refined (prompt axis); then each chain makes a new image:
-the corrector regenerates the parent image from the reflection, or the base model draws from the refined
-prompt, with a fresh noise (noise axis). The answer is the best image over all chains and rounds.
+A round goes in three steps:
 
-Concurrency: generation runs in a worker thread; as soon as an image leaves its micro-batch the event
-loop verifies it, and, when every chain survives anyway, reflects and refines right after its score
-arrives. API calls of a round therefore overlap each other and the rest of the round's generation.
-Several prompts can be searched at once (`search` called concurrently, as the runner does with
+1. plan: one `PlannedImage` per chain, with its seed, the candidate it corrects or perturbs (its parent),
+   the `ChainInputs` it is made from (prompt, reflection) and, for zero-order search, its initial noise;
+2. generate and score (`SearchStrategy`, shared by every strategy): the round's images in one generator
+   call; each image is verified as soon as it leaves its micro-batch, and the prompt's `Budget` counts
+   images, NFE, API calls and wall time per stage;
+3. reflect and refine (`ChainSearch`): each surviving chain's latest image is reflected on (reflection
+   axis) and its prompt refined (prompt axis), which gives the chain's inputs for the next round.
+
+The answer is the best candidate over all chains and rounds (ties: earliest round, then lowest chain).
+
+Strategies (`SearchConfig.strategy`; a new one is a `SearchStrategy` subclass and an entry in
+`STRATEGY_CLASSES`):
+
+    chains      `ChainSearch`: round 0 makes `width` base images; in each later round the `kept` best chains
+                continue and the others take over from them (`assign_parents`), and every chain makes a new
+                image: the corrector regenerates the parent image from its reflection, or the base model
+                draws from the refined prompt, with a fresh noise (noise axis).
+    zero_order  `ZeroOrderSearch`: tt-scale-flux's neighbourhood search around the best noise so far.
+
+Concurrency: generation runs in a worker thread; the event loop verifies each image as soon as it exists
+and, when every chain survives anyway, reflects and refines right after its score arrives. API calls of
+a round therefore overlap each other and the rest of the round's generation. Several prompts can be
+searched at once (`SearchEngine.search` called concurrently, as the runner does with
 `concurrent_prompts`): their rounds then share generator calls through the engine's `GenerationQueue`
 (the caller registers the searches in flight with `queue.enter()` / `queue.leave()`).
 
 Early stop (`search.stop_score`): the search ends at the first image whose score reaches the stop score;
 the rounds are made one chain at a time then, so that image is the first perfect one in (round, chain)
-order, which is exactly the one the full search would select (ties keep the first).
+order, which is exactly the one the full search would select.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,8 +103,9 @@ class PromptSearch:
 
 
 @dataclass
-class _Advice:
-    """What a chain carries into its next round."""
+class ChainInputs:
+    """What a chain carries into its next round: the prompt to draw from, the reflection on its latest image,
+    and the reflection/refinement calls that failed on the way (recorded with the next candidate)."""
 
     prompt: str
     reflection: str | None = None
@@ -95,14 +113,34 @@ class _Advice:
 
 
 @dataclass
-class _Slot:
-    """One image to make in a round, with its provenance."""
+class PlannedImage:
+    """One image to make in a round: its chain and seed, the candidate it corrects or perturbs, the inputs
+    it is made from and (zero-order search) its initial noise."""
 
     chain: int
     seed: int
     parent: Candidate | None
-    advice: _Advice
+    inputs: ChainInputs
     noise: torch.Tensor | None = None
+
+    def candidate(self, round_index: int, result: GenerationResult) -> Candidate:
+        """The candidate this image is once generated (not yet scored)."""
+        return Candidate(
+            round=round_index,
+            chain=self.chain,
+            seed=self.seed,
+            prompt=self.inputs.prompt,
+            reflection=self.inputs.reflection,
+            parent=None if self.parent is None else (self.parent.round, self.parent.chain),
+            image=result.image,
+            nfe=result.nfe,
+            noise=self.noise,
+            failures=list(self.inputs.failures),
+        )
+
+
+# Computes a chain's inputs for its next round from its latest (scored) candidate.
+NextInputs = Callable[[Candidate], Awaitable[ChainInputs]]
 
 
 def corrector_inputs(
@@ -130,7 +168,235 @@ def assign_parents(ranks: Sequence[tuple[bool, float]], kept: int) -> list[int]:
     return parents
 
 
+class SearchStrategy(ABC):
+    """One prompt's search under one strategy. Subclasses plan the rounds (`run_rounds`); this base makes a
+    round's images, scores each as it arrives, accounts the budget and stops early at `search.stop_score`."""
+
+    def __init__(self, engine: SearchEngine, item: PromptItem):
+        self.engine = engine
+        self.config = engine.config
+        self.item = item
+        self.budget = Budget()
+
+    async def run(self) -> PromptSearch:
+        with self.budget.timed("total"):
+            candidates = await self.run_rounds()
+            # the first of equal scores: earliest round, then lowest chain
+            best = max(candidates, key=lambda c: c.score.rank)
+        stopped = self._reaches_stop_score(best.score)
+        return PromptSearch(self.item, self.config, candidates, best, self.budget, stopped)
+
+    @abstractmethod
+    async def run_rounds(self) -> list[Candidate]:
+        """Every candidate of the search, scored, in (round, chain) order."""
+
+    def _reaches_stop_score(self, score: Score) -> bool:
+        return self.config.stop_score is not None and score.ok and score.value >= self.config.stop_score
+
+    def _seed(self, chain: int, round_index: int, stream: str = "noise") -> int:
+        return derive_seed(self.config.seed, self.item.index, chain, round_index, stream)
+
+    async def _run_round(
+        self, round_index: int, planned: list[PlannedImage], next_inputs_of: NextInputs | None = None
+    ) -> tuple[list[Candidate], dict[int, ChainInputs]]:
+        """The round's candidates: all planned images in one generator call or, with a stop score, one after
+        another up to the first that reaches it. With `next_inputs_of`, also each chain's next inputs,
+        computed as soon as its image is scored (except for an image that ends the search)."""
+        if self.config.stop_score is None:
+            return await self._generate_and_score(round_index, planned, next_inputs_of)
+        candidates: list[Candidate] = []
+        next_inputs: dict[int, ChainInputs] = {}
+        for image in planned:
+            made, found = await self._generate_and_score(round_index, [image], next_inputs_of)
+            candidates += made
+            next_inputs |= found
+            if self._reaches_stop_score(made[0].score):
+                break
+        return candidates, next_inputs
+
+    async def _generate_and_score(
+        self, round_index: int, planned: list[PlannedImage], next_inputs_of: NextInputs | None
+    ) -> tuple[list[Candidate], dict[int, ChainInputs]]:
+        """One generator call for `planned`; each image is scored as soon as it leaves its micro-batch."""
+        requests = [self._generation_request(image) for image in planned]
+        loop = asyncio.get_running_loop()
+        scoring: dict[int, asyncio.Task] = {}
+
+        def start_scoring(index: int, result: GenerationResult) -> None:
+            if index not in scoring:
+                candidate = planned[index].candidate(round_index, result)
+                scoring[index] = loop.create_task(self._score(candidate, next_inputs_of))
+
+        def on_result(index: int, result: GenerationResult) -> None:  # called from the generator's thread
+            loop.call_soon_threadsafe(start_scoring, index, result)
+
+        try:
+            with self.budget.timed("generate"):
+                results = await self.engine.queue.generate(requests, on_result)
+            for index, result in enumerate(results):  # generators may skip the callback
+                start_scoring(index, result)
+            self.budget.images += len(results)
+            self.budget.nfe += sum(result.nfe for result in results)
+            scored = await asyncio.gather(*(scoring[i] for i in range(len(planned))))
+        except BaseException:
+            for task in scoring.values():
+                task.cancel()
+            raise
+        candidates = [candidate for candidate, _ in scored]
+        return candidates, {c.chain: inputs for c, inputs in scored if inputs is not None}
+
+    def _generation_request(self, image: PlannedImage) -> GenerationRequest:
+        """A reflection round's image is the corrector's regeneration of its parent; any other is drawn
+        by the base model."""
+        prompt, reflection, condition = image.inputs.prompt, image.inputs.reflection, None
+        if self.config.reflects and image.parent is not None:
+            prompt, reflection, condition = corrector_inputs(
+                self.config.corrector_input, prompt, reflection, image.parent.image
+            )
+        return GenerationRequest(
+            prompt=prompt,
+            original_prompt=self.item.prompt,
+            seed=image.seed,
+            noise=image.noise,
+            condition=condition,
+            reflection=reflection,
+        )
+
+    async def _score(
+        self, candidate: Candidate, next_inputs_of: NextInputs | None
+    ) -> tuple[Candidate, ChainInputs | None]:
+        with self.budget.timed("verify"):
+            [candidate.score] = await self.engine.verifier.score(
+                [candidate.image], self.item.prompt, self.item.record
+            )
+        self.budget.verifier.add(candidate.score.usage)
+        # an image that reaches the stop score ends the search: there is no next round to prepare
+        if next_inputs_of is None or self._reaches_stop_score(candidate.score):
+            return candidate, None
+        return candidate, await next_inputs_of(candidate)
+
+
+class ChainSearch(SearchStrategy):
+    """`width` chains over `depth` rounds after round 0, along the noise, prompt and reflection axes.
+
+    Between rounds the `kept` best chains survive and the others continue from them (`assign_parents`).
+    A chain that reflects or refines carries its latest image (the parent the corrector regenerates) and
+    its `ChainInputs` forward; a noise-only chain carries nothing but draws a new noise."""
+
+    @property
+    def carries_inputs(self) -> bool:
+        """Whether chains carry a reflection or a refined prompt from round to round."""
+        return self.config.reflects or self.config.refines
+
+    async def run_rounds(self) -> list[Candidate]:
+        cfg = self.config
+        planned = [
+            PlannedImage(chain, self._seed(chain, 0), None, ChainInputs(self.item.prompt))
+            for chain in range(cfg.width)
+        ]
+        candidates: list[Candidate] = []
+        for round_index in range(cfg.depth + 1):
+            last_round = round_index == cfg.depth
+            # when every chain survives, each one's next inputs can be found as soon as its image is scored
+            reflect_when_scored = self.carries_inputs and not last_round and cfg.kept == cfg.width
+            made, next_inputs = await self._run_round(
+                round_index, planned, self._reflect_and_refine if reflect_when_scored else None
+            )
+            candidates += made
+            if last_round or self._reaches_stop_score(made[-1].score):
+                break
+            parents = assign_parents([c.score.rank for c in made], cfg.kept)
+            if self.carries_inputs and not reflect_when_scored:
+                survivors = [made[chain] for chain in dict.fromkeys(parents)]
+                found = await asyncio.gather(*(self._reflect_and_refine(parent) for parent in survivors))
+                next_inputs = {parent.chain: inputs for parent, inputs in zip(survivors, found, strict=True)}
+            planned = self._plan_round(round_index + 1, [made[chain] for chain in parents], next_inputs)
+        return candidates
+
+    def _plan_round(
+        self, round_index: int, parents: list[Candidate], next_inputs: dict[int, ChainInputs]
+    ) -> list[PlannedImage]:
+        """Each chain's image in round `round_index`, continuing from `parents[chain]`; without the noise
+        axis a chain keeps its round-0 seed."""
+        seed_round = round_index if self.config.axes.noise else 0
+        if not self.carries_inputs:
+            return [
+                PlannedImage(chain, self._seed(chain, seed_round), None, ChainInputs(self.item.prompt))
+                for chain in range(self.config.width)
+            ]
+        return [
+            PlannedImage(chain, self._seed(chain, seed_round), parent, next_inputs[parent.chain])
+            for chain, parent in enumerate(parents)
+        ]
+
+    async def _reflect_and_refine(self, candidate: Candidate) -> ChainInputs:
+        """Reflect on a chain's latest image and/or refine its prompt (a failed call changes nothing)."""
+        inputs = ChainInputs(candidate.prompt)
+        if self.config.reflects:
+            with self.budget.timed("reflect"):
+                answer = await self.engine.reflector.reflect(
+                    candidate.image, self.item.prompt, candidate.score, self.item.record
+                )
+            self.budget.reflector.add(answer.usage)
+            if answer.ok:
+                inputs.reflection = answer.text
+            else:
+                inputs.failures.append({"stage": "reflect", "error": answer.error, "raw": answer.raw})
+        if self.config.refines:
+            with self.budget.timed("refine"):
+                answer = await self.engine.refiner.refine(
+                    candidate.image,
+                    candidate.prompt,
+                    candidate.score,
+                    inputs.reflection,
+                    goal=self.item.prompt,
+                    meta=self.item.record,
+                )
+            self.budget.refiner.add(answer.usage)
+            if answer.ok:
+                inputs.prompt = answer.text
+            else:
+                inputs.failures.append({"stage": "refine", "error": answer.error, "raw": answer.raw})
+        return inputs
+
+
+class ZeroOrderSearch(SearchStrategy):
+    """tt-scale-flux's zero-order search: round 0 draws `width` noises; each later round samples `width`
+    noises within cosine `min_cosine` of the pivot (the best noise so far) and moves the pivot to the best
+    of them when it scores higher."""
+
+    async def run_rounds(self) -> list[Candidate]:
+        cfg = self.config
+        planned = []
+        for chain in range(cfg.width):
+            seed = self._seed(chain, 0)
+            noise = self.engine.generator.initial_noise(seed)
+            planned.append(PlannedImage(chain, seed, None, ChainInputs(self.item.prompt), noise))
+        candidates, _ = await self._run_round(0, planned)
+        pivot = max(candidates, key=lambda c: c.score.rank)
+        for round_index in range(1, cfg.depth + 1):
+            if self._reaches_stop_score(candidates[-1].score):
+                break
+            planned = []
+            for chain in range(cfg.width):
+                seed = self._seed(chain, round_index, stream="perturb")
+                noise = perturb_noise(pivot.noise, seed, cfg.min_cosine)
+                planned.append(PlannedImage(chain, seed, pivot, ChainInputs(self.item.prompt), noise))
+            neighbours, _ = await self._run_round(round_index, planned)
+            candidates += neighbours
+            best = max(neighbours, key=lambda c: c.score.rank)
+            if best.score.rank > pivot.score.rank:
+                pivot = best
+        return candidates
+
+
+STRATEGY_CLASSES: dict[str, type[SearchStrategy]] = {"chains": ChainSearch, "zero_order": ZeroOrderSearch}
+
+
 class SearchEngine:
+    """The entry point: searches prompts under `config.strategy` with shared backends, and one generation
+    queue so that concurrently searched prompts share generator calls."""
+
     def __init__(
         self,
         generator: Generator,
@@ -151,186 +417,4 @@ class SearchEngine:
         self.queue = GenerationQueue(generator)
 
     async def search(self, item: PromptItem) -> PromptSearch:
-        start = time.perf_counter()
-        budget = Budget()
-        if self.config.strategy == "zero_order":
-            candidates = await self._zero_order(item, budget)
-        else:
-            candidates = await self._chains(item, budget)
-        best = max(candidates, key=lambda c: c.score.rank)  # first of equals: earliest round, lowest chain
-        budget.add_time("total", time.perf_counter() - start)
-        return PromptSearch(item, self.config, candidates, best, budget, self._reached_stop(best.score))
-
-    def _reached_stop(self, score: Score) -> bool:
-        return self.config.stop_score is not None and score.ok and score.value >= self.config.stop_score
-
-    # --- strategies ------------------------------------------------------------------------------------
-    async def _chains(self, item: PromptItem, budget: Budget) -> list[Candidate]:
-        cfg = self.config
-        carries = cfg.reflects or cfg.refines
-        slots = [_Slot(c, self._seed(item, c, 0), None, _Advice(item.prompt)) for c in range(cfg.width)]
-        everything: list[Candidate] = []
-        for round in range(cfg.depth + 1):
-            advise_early = carries and round < cfg.depth and cfg.kept == cfg.width
-            candidates, advice = await self._round(item, round, slots, budget, advise_early)
-            everything += candidates
-            if round == cfg.depth or self._reached_stop(candidates[-1].score):
-                break
-            parents = assign_parents([c.score.rank for c in candidates], cfg.kept)
-            if carries and not advise_early:
-                unique = list(dict.fromkeys(parents))
-                found = await asyncio.gather(*(self._advise(item, candidates[p], budget) for p in unique))
-                advice = dict(zip(unique, found, strict=True))
-            seed_round = round + 1 if cfg.axes.noise else 0
-            slots = [
-                _Slot(
-                    chain,
-                    self._seed(item, chain, seed_round),
-                    candidates[parents[chain]] if carries else None,
-                    advice[parents[chain]] if carries else _Advice(item.prompt),
-                )
-                for chain in range(cfg.width)
-            ]
-        return everything
-
-    async def _zero_order(self, item: PromptItem, budget: Budget) -> list[Candidate]:
-        cfg = self.config
-        slots = []
-        for chain in range(cfg.width):
-            seed = self._seed(item, chain, 0)
-            slots.append(_Slot(chain, seed, None, _Advice(item.prompt), self.generator.initial_noise(seed)))
-        everything, _ = await self._round(item, 0, slots, budget, advise=False)
-        pivot = max(everything, key=lambda c: c.score.rank)
-        for round in range(1, cfg.depth + 1):
-            if self._reached_stop(everything[-1].score):
-                break
-            slots = []
-            for chain in range(cfg.width):
-                seed = self._seed(item, chain, round, stream="perturb")
-                noise = perturb_noise(pivot.noise, seed, cfg.min_cosine)
-                slots.append(_Slot(chain, seed, pivot, _Advice(item.prompt), noise))
-            neighbours, _ = await self._round(item, round, slots, budget, advise=False)
-            everything += neighbours
-            best = max(neighbours, key=lambda c: c.score.rank)
-            if best.score.rank > pivot.score.rank:
-                pivot = best
-        return everything
-
-    def _seed(self, item: PromptItem, chain: int, round: int, stream: str = "noise") -> int:
-        return derive_seed(self.config.seed, item.index, chain, round, stream)
-
-    # --- one round ---------------------------------------------------------------------------------------
-    async def _round(
-        self, item: PromptItem, round: int, slots: list[_Slot], budget: Budget, advise: bool
-    ) -> tuple[list[Candidate], dict[int, _Advice]]:
-        """The round's candidates (all slots, or with a stop score up to the first that reaches it)."""
-        if self.config.stop_score is None:
-            return await self._make(item, round, slots, budget, advise)
-        candidates: list[Candidate] = []
-        advice: dict[int, _Advice] = {}
-        for slot in slots:
-            made, found = await self._make(item, round, [slot], budget, advise)
-            candidates += made
-            advice |= found
-            if self._reached_stop(made[0].score):
-                break
-        return candidates, advice
-
-    def _request(self, item: PromptItem, slot: _Slot) -> GenerationRequest:
-        prompt, reflection, condition = slot.advice.prompt, slot.advice.reflection, None
-        if self.config.reflects and slot.parent is not None:
-            prompt, reflection, condition = corrector_inputs(
-                self.config.corrector_input, prompt, reflection, slot.parent.image
-            )
-        return GenerationRequest(
-            prompt=prompt,
-            original_prompt=item.prompt,
-            seed=slot.seed,
-            noise=slot.noise,
-            condition=condition,
-            reflection=reflection,
-        )
-
-    async def _make(
-        self, item: PromptItem, round: int, slots: list[_Slot], budget: Budget, advise: bool
-    ) -> tuple[list[Candidate], dict[int, _Advice]]:
-        """Generate one image per slot; verify (and, if `advise`, reflect/refine) each as soon as it exists."""
-        requests = [self._request(item, slot) for slot in slots]
-        loop = asyncio.get_running_loop()
-        tasks: dict[int, asyncio.Task] = {}
-
-        def evaluate(index: int, result: GenerationResult) -> None:
-            if index not in tasks:
-                slot = slots[index]
-                candidate = Candidate(
-                    round=round,
-                    chain=slot.chain,
-                    seed=slot.seed,
-                    prompt=slot.advice.prompt,
-                    reflection=slot.advice.reflection,
-                    parent=None if slot.parent is None else (slot.parent.round, slot.parent.chain),
-                    image=result.image,
-                    nfe=result.nfe,
-                    noise=slot.noise,
-                    failures=list(slot.advice.failures),
-                )
-                tasks[index] = loop.create_task(self._evaluate(item, candidate, budget, advise))
-
-        def on_result(index: int, result: GenerationResult) -> None:  # called from the generator's thread
-            loop.call_soon_threadsafe(evaluate, index, result)
-
-        try:
-            start = time.perf_counter()
-            results = await self.queue.generate(requests, on_result)
-            budget.add_time("generate", time.perf_counter() - start)
-            for index, result in enumerate(results):  # generators may skip the callback
-                evaluate(index, result)
-            budget.images += len(results)
-            budget.nfe += sum(result.nfe for result in results)
-            evaluated = await asyncio.gather(*(tasks[i] for i in range(len(slots))))
-        except BaseException:
-            for task in tasks.values():
-                task.cancel()
-            raise
-        candidates = [candidate for candidate, _ in evaluated]
-        return candidates, {c.chain: advice for c, advice in evaluated if advice is not None}
-
-    async def _evaluate(
-        self, item: PromptItem, candidate: Candidate, budget: Budget, advise: bool
-    ) -> tuple[Candidate, _Advice | None]:
-        start = time.perf_counter()
-        [candidate.score] = await self.verifier.score([candidate.image], item.prompt, item.record)
-        budget.add_time("verify", time.perf_counter() - start)
-        budget.verifier.add(candidate.score.usage)
-        advise = advise and not self._reached_stop(candidate.score)  # the search ends with this image
-        return candidate, (await self._advise(item, candidate, budget) if advise else None)
-
-    async def _advise(self, item: PromptItem, candidate: Candidate, budget: Budget) -> _Advice:
-        """Reflect on a chain's latest image and/or refine its prompt (a failed call changes nothing)."""
-        advice = _Advice(candidate.prompt)
-        if self.config.reflects:
-            start = time.perf_counter()
-            answer = await self.reflector.reflect(candidate.image, item.prompt, candidate.score, item.record)
-            budget.add_time("reflect", time.perf_counter() - start)
-            budget.reflector.add(answer.usage)
-            if answer.ok:
-                advice.reflection = answer.text
-            else:
-                advice.failures.append({"stage": "reflect", "error": answer.error, "raw": answer.raw})
-        if self.config.refines:
-            start = time.perf_counter()
-            answer = await self.refiner.refine(
-                candidate.image,
-                candidate.prompt,
-                candidate.score,
-                advice.reflection,
-                goal=item.prompt,
-                meta=item.record,
-            )
-            budget.add_time("refine", time.perf_counter() - start)
-            budget.refiner.add(answer.usage)
-            if answer.ok:
-                advice.prompt = answer.text
-            else:
-                advice.failures.append({"stage": "refine", "error": answer.error, "raw": answer.raw})
-        return advice
+        return await STRATEGY_CLASSES[self.config.strategy](self, item).run()

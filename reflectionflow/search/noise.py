@@ -7,9 +7,11 @@ import hashlib
 import torch
 
 
-def derive_seed(base_seed: int, prompt_index: int, chain: int, round: int, stream: str = "noise") -> int:
+def derive_seed(
+    base_seed: int, prompt_index: int, chain: int, round_index: int, stream: str = "noise"
+) -> int:
     """A 31-bit seed that depends only on its arguments (not on run order, sharding or earlier prompts)."""
-    key = f"{base_seed}/{prompt_index}/{chain}/{round}/{stream}".encode()
+    key = f"{base_seed}/{prompt_index}/{chain}/{round_index}/{stream}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "little") & 0x7FFFFFFF
 
 

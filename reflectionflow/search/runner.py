@@ -16,9 +16,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from reflectionflow.search.budget import ROLES
 from reflectionflow.search.engine import PromptSearch, SearchEngine
-from reflectionflow.search.outputs import RunWriter
 from reflectionflow.search.prompts import PromptItem, shard
+from reflectionflow.search.run_dir import RunWriter
 
 log = logging.getLogger(__name__)
 PromptCallback = Callable[[dict[str, Any], dict[str, Any]], None]  # (prompt's search.json, run summary)
@@ -26,7 +27,7 @@ PromptCallback = Callable[[dict[str, Any], dict[str, Any]], None]  # (prompt's s
 
 def _postfix(summary: dict[str, Any]) -> dict[str, Any]:
     budget = summary["budget"]
-    calls = sum(budget[role]["calls"] for role in ("verifier", "reflector", "refiner"))
+    calls = sum(budget[role]["calls"] for role in ROLES)
     mean = summary["mean_score"]
     return {
         "score": "-" if mean is None else f"{mean:.3f}",

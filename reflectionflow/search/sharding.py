@@ -2,15 +2,14 @@
 
 A shard is every `num_shards`-th prompt starting at `shard_index` (`prompts.shard`). Shards write
 disjoint files: prompt folders are named by the prompt's index in the full set, and every per-process
-file (summary, result, Hydra's saved config, the job log) carries `shard_suffix`. `merge_runs` joins the
-shards' prompt folders into one GenEval-layout directory with the summary and result an unsharded run
-would have written.
+file (summary, result, Hydra's saved config, the job log) carries `run_dir.shard_suffix`. `merge_runs`
+joins the shards' prompt folders into one GenEval-layout directory with the summary and result an
+unsharded run would have written.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,23 +19,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from reflectionflow.search.errors import SetupError
-from reflectionflow.search.outputs import SEARCH_FILE, RunWriter
-from reflectionflow.search.results import (
+from reflectionflow.search.result_file import (
     PromptOutcome,
     job_result,
     read_budget,
     read_results,
-    read_search,
     write_result,
 )
+from reflectionflow.search.run_dir import PROMPT_FOLDER, SEARCH_FILE, RunWriter, read_search, shard_suffix
 
-PROMPT_FOLDER = re.compile(r"\d{5,}")
 SHARD_KEYS = ("shard_index", "num_shards")
-
-
-def shard_suffix(shard_index: int, num_shards: int) -> str:
-    """ "" for an unsharded run, else `.shard-00001-of-00004` (the suffix of the shard's summary file)."""
-    return "" if num_shards == 1 else f".shard-{shard_index:05d}-of-{num_shards:05d}"
 
 
 def _int(environ: Mapping[str, str], name: str) -> int:

@@ -19,7 +19,7 @@ from unittest import mock
 from PIL import Image
 
 from reflectionflow.config import redact_overrides, redact_secrets
-from reflectionflow.search.results import read_search
+from reflectionflow.search.run_dir import SELECTED_FILE, prompt_dir, read_search
 
 
 @dataclass(frozen=True)
@@ -85,13 +85,13 @@ def prompt_table(run_dir: Path, per_prompt: Sequence[Mapping[str, Any]], rounds:
         columns += [f"round {r}", f"round {r} scores", f"round {r} reflections", f"round {r} prompts"]
     table = wandb.Table(columns=columns)
     for outcome in per_prompt:
-        folder = run_dir / f"{outcome['index']:05d}"
+        folder = prompt_dir(run_dir, outcome["index"])
         search = read_search(run_dir, outcome["index"])
         row = [
             outcome["index"],
             outcome["tag"],
             search["prompt"],
-            wandb.Image(_thumbnail(folder / "samples" / "0000.png", thumbnail_size)),
+            wandb.Image(_thumbnail(folder / SELECTED_FILE, thumbnail_size)),
             outcome["score"],
             outcome["correct"],
             search["selected"]["round"],

@@ -1,4 +1,5 @@
-"""Per-job result files: what one search job over a prompt set achieved and spent, in one JSON.
+"""The per-job result file: what one search job over a prompt set achieved and spent, in one JSON, assessed
+from the job's run directory (`assess`, `read_budget`), built (`job_result`), written and read back.
 
 `<run>/result.json` (`result.shard-00001-of-00004.json` for a shard) is what sweeps aggregate:
 
@@ -32,7 +33,7 @@ from PIL import Image
 
 from reflectionflow.search.budget import ROLES, Budget
 from reflectionflow.search.checkers import Checker
-from reflectionflow.search.outputs import SEARCH_FILE, atomic_write
+from reflectionflow.search.run_dir import SELECTED_FILE, prompt_dir, read_record, read_search, write_json
 
 UNTAGGED = "untagged"
 
@@ -53,11 +54,6 @@ def result_path(run_dir: str | os.PathLike, suffix: str = "") -> Path:
     return Path(run_dir) / f"result{suffix}.json"
 
 
-def read_search(run_dir: Path, index: int) -> dict[str, Any]:
-    path = Path(run_dir) / f"{index:05d}" / SEARCH_FILE
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def assess(run_dir: Path, indices: Iterable[int], checker: Checker | None = None) -> list[PromptOutcome]:
     """Outcomes of the finished prompts `indices`, checking each selected image when a checker is given."""
     outcomes = []
@@ -65,12 +61,12 @@ def assess(run_dir: Path, indices: Iterable[int], checker: Checker | None = None
         search = read_search(run_dir, index)
         correct = None
         if checker is not None:
-            folder = Path(run_dir) / f"{index:05d}"
-            record = json.loads((folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()[0])
-            with Image.open(folder / "samples" / "0000.png") as image:
-                correct = bool(checker.check(image.convert("RGB"), record))
+            with Image.open(prompt_dir(run_dir, index) / SELECTED_FILE) as image:
+                correct = bool(checker.check(image.convert("RGB"), read_record(run_dir, index)))
         stopped = search.get("stopped", False)
-        outcomes.append(PromptOutcome(index, search["tag"], search["score"], search["score_ok"], correct, stopped))
+        outcomes.append(
+            PromptOutcome(index, search["tag"], search["score"], search["score_ok"], correct, stopped)
+        )
     return outcomes
 
 
@@ -148,7 +144,7 @@ def job_result(
 
 def write_result(run_dir: str | os.PathLike, result: Mapping[str, Any], suffix: str = "") -> Path:
     path = result_path(run_dir, suffix)
-    atomic_write(path, (json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode())
+    write_json(path, result)
     return path
 
 
