@@ -1,17 +1,21 @@
-"""Does a corrector use its flawed image and its reflection? Flow-matching loss with real, shuffled and no inputs.
+"""Does the shapes corrector read its flawed image and its reflection, and which edits does it fix?
 
-    python benchmarks/condition_use.py [--lora DIR] [--base DIR] [--shards DIR] [--position aligned]
+    python benchmarks/condition_use.py [--base DIR --lora DIR] [--cases N] [--fix-cases N]
 
-On editing triplets (the good image is the flawed one with the reflection's edits) a corrector that reads
-its condition predicts the target far better from the real flawed image than from another sample's.
-The baseline is the same corrector with the conditions shuffled across the batch, measured in the same
-run: a real/shuffled ratio near 1.0 means the condition is ignored. `copy` is the loss of predicting the
-flawed image itself as the clean target (|x0 - condition|^2 / t^2): what merely copying would reach. The
-second table does the same for the reflection text (T5 reads the prompt with its own reflection, another
-sample's, or the prompt alone). The third shows where the target tokens' attention goes, per block: to
-the condition token that stands for their own place (a copier puts nearly all of it there), to an average
-other condition token, to all target and all text tokens. Defaults are the shapes recipes' latest
-products in the cache (`python -m reflectionflow.train experiment=shapes_corrector`).
+On held-out editing triplets (the good image is the flawed one with the reflection's edits), three tables
+from `reflectionflow.models.diagnostics.condition_use` and the corrector's attention, then the fix rates:
+
+1. condition: flow-matching loss with the real flawed image, another sample's (shuffled across the batch:
+   the baseline, measured in the same run), a black one, and the loss of copying the flawed image; the
+   same on the tokens the edit left unchanged (a corrector that edits copies those) and the edited ones;
+2. reflection: T5 reads the prompt with its own reflection, another sample's, or the prompt alone;
+3. attention: per block, the share of a target token's attention on the condition token at its own place
+   (a copier puts most of it there), on an average other condition token, on all target and text tokens;
+4. fix rate per edit type and per number of edits under the four corrector inputs (the recipe's metrics
+   code, `shapes.corrector.corrector_fix_rates`), next to the base model's fresh samples.
+
+Defaults: the `shapes_base` and `shapes_corrector` recipe products as the configs define them now, and the
+corrector settings of `train experiment=shapes_corrector`.
 """
 
 from __future__ import annotations
@@ -19,27 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-
-
-def built_product(name: str) -> Path:
-    from reflectionflow.recipes import latest_product, recipes_dir
-
-    product = latest_product(name)
-    if product is None:
-        raise SystemExit(f"no {name} product in {recipes_dir()}: run python -m reflectionflow.train experiment={name}")
-    return product
-
-
-def latest_shards() -> str:
-    from reflectionflow.recipes import recipes_dir
-
-    built = sorted(recipes_dir().glob("shapes_triplets-*/stats.json"), key=lambda p: p.stat().st_mtime)
-    if not built:
-        raise SystemExit("no shapes triplet shards: run python -m reflectionflow.train experiment=shapes_corrector")
-    return str(built[-1].parent)
 
 
 @contextlib.contextmanager
@@ -62,95 +47,91 @@ def recorded_attention() -> Iterator[list[torch.Tensor]]:
         attention.attend = attend
 
 
+def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    print(f"\n{title}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lora", help="corrector LoRA dir (default: the shapes_corrector product's lora/)")
     parser.add_argument("--base", help="base model dir (default: the shapes_base product)")
-    parser.add_argument("--shards", help="triplet shard dir (default: the newest shapes_triplets-*)")
-    parser.add_argument("--position", default="aligned", choices=["beside", "aligned"],
-                        help="condition placement the LoRA was trained with")
-    parser.add_argument("--lora-on-target", action=argparse.BooleanOptionalAction, default=True,
-                        help="LoRA on target and text tokens too, as the shapes corrector trains")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--max-sequence-length", type=int, default=40)
+    parser.add_argument("--lora", help="corrector LoRA dir (default: the shapes_corrector product's lora/)")
+    parser.add_argument("--cases", type=int, default=64, help="held-out triplets of the loss tables")
+    parser.add_argument("--fix-cases", type=int, default=12, help="held-out flawed renders per category")
     parser.add_argument("--times", type=float, nargs="+", default=[0.3, 0.6, 0.9])
+    parser.add_argument("--override", nargs="*", default=[], help="train config overrides of the corrector")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from reflectionflow.data import GenRefDataModule
-    from reflectionflow.data.transforms import t5_text
-    from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
+    from reflectionflow.config import compose
+    from reflectionflow.models.callbacks import samples_batch
+    from reflectionflow.models.diagnostics import CorrectorSettings, condition_use
     from reflectionflow.models.loading import load_flux_pipeline
-    from reflectionflow.models.pipeline import encode_images
+    from reflectionflow.models.pipeline import ReflectionFluxPipeline
+    from reflectionflow.recipes import built_product
+    from reflectionflow.shapes.base import sample_accuracy
+    from reflectionflow.shapes.corrector import ABLATIONS, corrector_fix_rates
+    from reflectionflow.shapes.evaluation import EDIT_TYPES
+    from reflectionflow.shapes.triplets import heldout_flawed_cases
 
+    cfg = compose("train", ["experiment=shapes_corrector", *args.override]).model
     base = args.base or str(built_product("shapes_base"))
     lora = args.lora or str(built_product("shapes_corrector") / "lora")
-    shards = args.shards or latest_shards()
+    settings = CorrectorSettings(cfg.attention, cfg.lora_on_target, cfg.condition_position, cfg.max_sequence_length)
     flux = load_flux_pipeline(base, lora_path=lora)
     transformer = flux.transformer.eval()
-    datamodule = GenRefDataModule(f"{shards}/shapes-*.tar", batch_size=args.batch, num_workers=0, target_size=48,
-                                  condition_size=48, resampled=False, shuffle_buffer=0,
-                                  drop_text=0.0, drop_image=0.0, drop_reflection=0.0)
-    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)  # as Lightning: [-1, 1]
-    editing = [i for i, subset in enumerate(batch["subset"]) if subset == "editing"]
-    if len(editing) < 2:
-        raise SystemExit(f"{shards}: fewer than 2 editing triplets in the first batch")
+    size = 48
+    cases = heldout_flawed_cases(-(-args.cases // 6), size, seed=1)[: args.cases]
+    batch = samples_batch([{"image": c.good, "condition": c.bad, "prompt": c.prompt, "reflection": c.reflection,
+                            "t5_text": ""} for c in cases])
+    print(f"{len(cases)} held-out editing triplets; base {base}; corrector {lora} ({settings})")
+    results = condition_use(flux, transformer, batch, settings, args.times)
+    f = "{:.4f}".format
+    table("condition (T5 reads the prompt and the real reflection)",
+          ["t", "real", "shuffled", "black", "copy", "real / shuffled", "unchanged: real", "copy", "black",
+           "edited: real"],
+          [[t, f(r["real"]), f(r["shuffled_condition"]), f(r["no_condition"]), f(r["copy"]),
+            f"{r['condition_ratio']:.3f}x", f(r["real_unchanged"]), f(r["copy_unchanged"]),
+            f(r["no_condition_unchanged"]), f(r["real_edited"])] for t, r in results.items()])
+    table("reflection (the real condition)", ["t", "real", "shuffled", "prompt alone", "real / shuffled"],
+          [[t, f(r["real"]), f(r["shuffled_reflection"]), f(r["prompt_only"]), f"{r['reflection_ratio']:.3f}x"]
+           for t, r in results.items()])
 
-    scale = flux.vae_scale_factor
-    size = batch["image"].shape[-1]
-    prompts = [batch["prompt"][i] for i in editing]
-    reflections = [batch["reflection"][i] for i in editing]
-    texts = {
-        "real": [t5_text(p, r) for p, r in zip(prompts, reflections, strict=True)],
-        "shuffled": [t5_text(p, r) for p, r in zip(prompts, reflections[1:] + reflections[:1], strict=True)],
-        "none": prompts,
-    }
-    with torch.no_grad():
-        target = encode_images(flux.vae, batch["image"][editing])
-        condition = encode_images(flux.vae, batch["condition"][editing])
-        encoded = {name: flux.encode_prompt(prompt=prompts, prompt_2=t5, max_sequence_length=args.max_sequence_length)[:2]
-                   for name, t5 in texts.items()}
-        noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
-        ids = dict(img_ids=latent_ids(size // scale, size // scale), txt_ids=torch.zeros(args.max_sequence_length, 3))
-        cond_ids = condition_ids(size, vae_scale_factor=scale, position=args.position)
-        copy_mse = ((target - condition) ** 2).mean().item()
+    n_text, n_image = settings.max_sequence_length, 9
+    rows = []
+    for t in args.times:
+        with recorded_attention() as records:
+            condition_use(flux, transformer, batch, settings, [t])
+        for block, probs in enumerate(records[: len(records) // 5]):  # the first of its five calls: real inputs
+            queries = probs[:, n_text:n_text + n_image]
+            on_condition = queries[:, :, n_text + n_image:]
+            own = torch.diagonal(on_condition, dim1=1, dim2=2).mean().item()
+            other = (on_condition.sum(-1).mean().item() - own) / (n_image - 1)
+            rows.append([f"{t:g}", str(block), f"{own:.3f}", f"{other:.3f}",
+                         f"{queries[:, :, n_text:n_text + n_image].sum(-1).mean().item():.3f}",
+                         f"{queries[:, :, :n_text].sum(-1).mean().item():.3f}"])
+    table(f"attention of target tokens (uniform share {1 / (n_text + 2 * n_image):.3f} per token)",
+          ["t", "block", "own condition token", "other condition token", "all target", "all text"], rows)
 
-        def loss(t_value: float, text: str, cond: torch.Tensor | None) -> float:
-            t5, pooled = encoded[text]
-            velocity = corrector_forward(
-                transformer, hidden_states=(1 - t_value) * target + t_value * noise, encoder_hidden_states=t5,
-                pooled_projections=pooled, timestep=torch.full((len(editing),), t_value), cond_hidden_states=cond,
-                cond_ids=cond_ids if cond is not None else None, lora_on_target=args.lora_on_target, **ids,
-            )
-            return ((velocity - (noise - target)) ** 2).mean().item()
+    pipe = ReflectionFluxPipeline(flux, attention=cfg.attention, lora_on_target=cfg.lora_on_target,
+                                  condition_size=size, condition_position=cfg.condition_position,
+                                  max_sequence_length=cfg.max_sequence_length, micro_batch=48)
+    fix_cases = heldout_flawed_cases(args.fix_cases, size, seed=0)
+    fixes = corrector_fix_rates(pipe, fix_cases, image_size=size, num_inference_steps=cfg.eval_steps,
+                                true_cfg_scale=cfg.eval_true_cfg_scale, seed=0)
+    fresh = sample_accuracy(flux, args.fix_cases, size, cfg.eval_steps, cfg.eval_true_cfg_scale,
+                            compose("train", ["experiment=shapes_corrector"]).data.sample_max_sequence_length)
+    groups = [g for g in (*EDIT_TYPES, "1 edit", "2+ edits") if g in fixes["full"]["per_edit_type"]
+              or g in fixes["full"]["per_edit_count"]]
+    table(f"fix rate on {len(fix_cases)} held-out flawed renders (base model's fresh samples: "
+          f"{fresh['accuracy']:.1%})", ["corrector input", "all", *groups],
+          [[name, f"{fixes[name]['fix_rate']:.1%}",
+            *(f"{(fixes[name]['per_edit_type'] | fixes[name]['per_edit_count']).get(g, float('nan')):.1%}"
+              for g in groups)] for name in ABLATIONS])
 
-        print(f"{len(editing)} editing triplets from {shards}; corrector {lora} ({args.position})")
-        print("condition (T5 reads the prompt and the real reflection):")
-        print("   t | real condition | shuffled | none   | copy   | real / shuffled")
-        for t in args.times:
-            real, shuffled, none = (loss(t, "real", cond) for cond in (condition, condition.roll(1, 0), None))
-            print(f"{t:4.1f} | {real:14.4f} | {shuffled:8.4f} | {none:6.4f} | {copy_mse / t**2:6.4f} | "
-                  f"{real / shuffled:.3f}x")
-        print("reflection (the real condition):")
-        print("   t | real reflection | shuffled | prompt alone | real / shuffled")
-        for t in args.times:
-            real, shuffled, none = (loss(t, text, condition) for text in ("real", "shuffled", "none"))
-            print(f"{t:4.1f} | {real:15.4f} | {shuffled:8.4f} | {none:12.4f} | {real / shuffled:.3f}x")
-        n_text, n_image = args.max_sequence_length, target.shape[1]
-        print("attention of target tokens (real inputs; a uniform share is "
-              f"{1 / (n_text + 2 * n_image):.3f} per token):")
-        print("   t | block | own condition token | other condition token | all target | all text")
-        for t in args.times:
-            with recorded_attention() as records:
-                loss(t, "real", condition)
-            for block, probs in enumerate(records):
-                queries = probs[:, n_text:n_text + n_image]
-                on_condition = queries[:, :, n_text + n_image:]
-                own = torch.diagonal(on_condition, dim1=1, dim2=2).mean().item()
-                other = (on_condition.sum(-1).mean().item() - own) / (n_image - 1)
-                on_target = queries[:, :, n_text:n_text + n_image].sum(-1).mean().item()
-                print(f"{t:4.1f} | {block:5d} | {own:19.3f} | {other:21.3f} | {on_target:10.3f} | "
-                      f"{queries[:, :, :n_text].sum(-1).mean().item():8.3f}")
 
 if __name__ == "__main__":
     main()

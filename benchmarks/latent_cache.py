@@ -12,21 +12,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from reflectionflow.config import compose
 
 
 def base_module(vae: str, cache_latents: bool):
     """The `experiment=shapes_base` module (its config composed, not copied) on the VAE at `vae`."""
     from reflectionflow.shapes.base import TextToImageModule
 
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=shapes_base", f"model.vae_path={vae}",
-                                          f"model.cache_latents={cache_latents}"])
+    cfg = compose("train", ["experiment=shapes_base", f"model.vae_path={vae}", f"model.cache_latents={cache_latents}"])
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     for key in ("_target_", "_convert_", "optimizer", "lr_scheduler"):
         kwargs.pop(key, None)
@@ -48,18 +45,16 @@ def samples_per_second(module, batches: list[dict], steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vae", help="shapes VAE product dir (default: the shapes_vae recipe's latest)")
+    parser.add_argument("--vae", help="shapes VAE product dir (default: the shapes_vae recipe's product)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batches", type=int, default=4, help="distinct pool batches cycled through")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from reflectionflow.recipes import latest_product
+    from reflectionflow.recipes import built_product
     from reflectionflow.shapes.pairs import ShapesPairsDataModule
 
-    vae = args.vae or latest_product("shapes_vae")
-    if vae is None:
-        raise SystemExit("no shapes_vae product: run python -m reflectionflow.train experiment=shapes_vae")
+    vae = args.vae or built_product("shapes_vae")
     encoding, batch_size, pool_size = base_module(str(vae), cache_latents=False)
     cached, _, _ = base_module(str(vae), cache_latents=True)
     loader = ShapesPairsDataModule(batch_size=batch_size, pool_size=pool_size).train_dataloader()

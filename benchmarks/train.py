@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 3
 
 CONFIGS = {
@@ -56,8 +55,8 @@ def small_pipeline(path: Path) -> Path:
 def worker(name: str, steps: int, cache: Path) -> dict:
     """Run the train app in this process and measure it."""
     import lightning as L
-    from hydra import compose, initialize_config_dir
 
+    from reflectionflow.config import compose
     from reflectionflow.train import train
 
     class Clock(L.Callback):
@@ -73,8 +72,8 @@ def worker(name: str, steps: int, cache: Path) -> dict:
     if name.startswith("small"):
         overrides.append(f"model.path={small_pipeline(cache / 'small-flux')}")
     clock = Clock()
-    with tempfile.TemporaryDirectory() as run_dir, initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.run_dir={run_dir}"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = compose("train", [*overrides, f"paths.run_dir={run_dir}", "callbacks.validation_metrics=null"])
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         train(cfg, extra_callbacks=[clock])
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -3,7 +3,7 @@
 Builds the search config, checks API keys and the prompt set, builds the API backends, then the generator
 (the heavy part), and runs the search into the Hydra run directory. Anything a user can fix is reported
 as one `error: ...` line before any model loads. The job ends with its result file (`result.json`, see
-`reflectionflow.search.results`), which sweeps aggregate; `wandb.enabled=true` logs the job to W&B.
+`reflectionflow.search.result_file`), which sweeps aggregate; `wandb.enabled=true` logs the job to W&B.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from reflectionflow.config import compose
+
 log = logging.getLogger(__name__)
 
 REFERENCE = "recipe://"
@@ -148,25 +150,6 @@ def resolve_references(cfg: DictConfig, build: bool = True) -> list[Recipe]:
 # Planning and building
 
 
-@contextlib.contextmanager
-def _own_hydra() -> Iterator[None]:
-    """Hydra's compose API in a process that may be inside a running Hydra app (whose global state is
-    set aside and restored)."""
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    global_hydra = GlobalHydra.instance()
-    running = global_hydra.hydra if global_hydra.is_initialized() else None
-    global_hydra.clear()
-    try:
-        with initialize_config_module(TRAIN_CONFIG_MODULE, version_base="1.3"):
-            yield
-    finally:
-        global_hydra.clear()
-        if running is not None:
-            global_hydra.initialize(running)
-
-
 def train_experiments() -> list[str]:
     from importlib import resources
 
@@ -176,12 +159,9 @@ def train_experiments() -> list[str]:
 
 def compose_experiment(name: str) -> DictConfig:
     """The train config of `experiment=<name>`, references not yet resolved."""
-    from hydra import compose
-
     if name not in train_experiments():
         raise RecipeError(f"no train experiment {name!r}; experiments: {', '.join(train_experiments())}")
-    with _own_hydra():
-        return compose("train", overrides=[f"experiment={name}"])
+    return compose("train", [f"experiment={name}"])
 
 
 def plan(names: list[str], known: dict[str, Recipe] | None = None) -> list[Recipe]:
@@ -212,6 +192,14 @@ def plan(names: list[str], known: dict[str, Recipe] | None = None) -> list[Recip
 def recipe(name: str) -> Recipe:
     """One recipe as configured now (its product path; nothing is trained)."""
     return plan([name])[-1]
+
+
+def built_product(name: str) -> Path:
+    """The product of recipe `name` as configured now; RecipeError (naming the build command) if missing."""
+    item = recipe(name)
+    if not item.built:
+        raise RecipeError(f"{name} is not built ({item.product}): python -m reflectionflow.recipes build {name}")
+    return item.product
 
 
 @contextlib.contextmanager

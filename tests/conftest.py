@@ -10,8 +10,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+
+from reflectionflow.config import compose  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -19,8 +20,7 @@ torch.set_num_threads(1)
 def compose_app(app: str, *overrides: str, hydra_node: bool = False) -> DictConfig:
     """The config `python -m reflectionflow.<app> <overrides>` would run with (`hydra_node`: with the
     `hydra` node, e.g. the sweeper's params)."""
-    with initialize_config_module(f"reflectionflow.conf.{app}", version_base="1.3"):
-        return compose(app, overrides=list(overrides), return_hydra_config=hydra_node)
+    return compose(app, overrides, hydra_node)
 
 
 @pytest.fixture

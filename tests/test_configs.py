@@ -29,7 +29,7 @@ PAIRS = [(app, name) for app in APPS for name in experiments(app)]
 
 
 def test_each_app_has_the_experiments_it_documents():
-    assert experiments("train") == ["genref", "shapes_base", "shapes_corrector", "shapes_vae", "tiny"]
+    assert experiments("train") == ["genref", "shapes_base", "shapes_corrector", "shapes_text", "shapes_vae", "tiny"]
     assert experiments("infer") == ["geneval", "shapes", "tiny"]
 
 
@@ -87,22 +87,22 @@ def test_missing_recipes_are_built_in_order_under_their_product_directories(
     cfg = compose_config("infer", "experiment=shapes", "search=noise", "weights.lora_path=null")
     with caplog.at_level(logging.WARNING, logger="reflectionflow.recipes"):
         built = recipes.resolve_references(cfg)
-    assert [item.name for item in built] == ["shapes_vae", "shapes_base"]
-    assert [c[3] for c in commands] == ["experiment=shapes_vae", "experiment=shapes_base"]
+    assert [item.name for item in built] == ["shapes_vae", "shapes_text", "shapes_base"]
+    assert [c[3] for c in commands] == ["experiment=shapes_vae", "experiment=shapes_text", "experiment=shapes_base"]
     assert [c[4] for c in commands] == [f"hydra.run.dir={item.product / 'run'}" for item in built]
     assert cfg.weights.path == str(built[-1].product) and cfg.generator.model_path == cfg.weights.path
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
-        "training missing recipe shapes_vae", "training missing recipe shapes_base"]
+        f"training missing recipe {name}" for name in ("shapes_vae", "shapes_text", "shapes_base")]
     again = compose_config("infer", "experiment=shapes", "search=noise", "weights.lora_path=null")
     recipes.resolve_references(again)  # built now: nothing more is trained
-    assert len(commands) == 2 and again.weights.path == cfg.weights.path
+    assert len(commands) == 3 and again.weights.path == cfg.weights.path
 
 
 def test_recipes_list_shows_every_recipe_without_training(tmp_path):
     done = run_cli("recipes", "list", cache=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert [line.split()[1] for line in lines] == ["shapes_base", "shapes_corrector", "shapes_vae"]
+    assert [line.split()[1] for line in lines] == ["shapes_base", "shapes_corrector", "shapes_text", "shapes_vae"]
     assert all(line.startswith("missing") and str(tmp_path / "recipes") in line for line in lines)
     assert not (tmp_path / "recipes").exists()
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import compose_app
 from hydra.utils import instantiate
+from test_shapes_recipes import build_fast, latest, run_cli
 
 from reflectionflow.shapes.evaluation import EDIT_TYPES
-from test_shapes_recipes import build_fast, latest, run_cli
 
 FAST_CORRECTOR = [
     "data.model_samples=8",

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_app
 from hydra.types import RunMode
 from hydra.utils import instantiate
 
@@ -18,7 +17,6 @@ from reflectionflow.search.prompts import PromptItem
 from reflectionflow.search.reflectors import DeterministicPromptRefiner, DeterministicReflector
 from reflectionflow.search.verifiers import DeterministicVerifier
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 PRESET_SPLITS_AT_8 = {
     "noise": (8, 0),
     "noise_prompt": (2, 3),
@@ -89,8 +87,7 @@ def test_budget_replaces_width_and_depth_and_is_recorded():
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SPLITS_AT_8))
 def test_budget_8_gives_every_preset_8_images(preset):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("infer", overrides=[f"search={preset}", "search.budget=8"])
+    cfg = compose_app("infer", f"search={preset}", "search.budget=8")
     search: SearchConfig = instantiate(cfg.search, _convert_="all")
     assert (search.width, search.depth) == PRESET_SPLITS_AT_8[preset]
     assert planned_cost(search)["images"] == 8
@@ -105,9 +102,8 @@ def test_budget_8_gives_every_preset_8_images(preset):
 
 
 def test_sweep_configs_start_a_multirun_over_their_grid():
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        budget = compose("infer", overrides=["sweep=budget"], return_hydra_config=True)
-        matched = compose("infer", overrides=["sweep=matched"], return_hydra_config=True)
+    budget = compose_app("infer", "sweep=budget", hydra_node=True)
+    matched = compose_app("infer", "sweep=matched", hydra_node=True)
     assert budget.hydra.mode == RunMode.MULTIRUN == matched.hydra.mode
     assert dict(budget.hydra.sweeper.params) == {"search.width": "1,2,4,8", "search.depth": "0,1,2,4"}
     assert dict(matched.hydra.sweeper.params) == {
@@ -118,8 +114,7 @@ def test_sweep_configs_start_a_multirun_over_their_grid():
         "reflectionflow.search.aggregation.AggregateCallback"
     ]
     for preset in matched.hydra.sweeper.params.search.split(","):  # every budget of the grid is matchable
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = compose("infer", overrides=[f"search={preset}"])
+        cfg = compose_app("infer", f"search={preset}")
         for budget_n in map(int, matched.hydra.sweeper.params["search.budget"].split(",")):
             config = SearchConfig(budget=budget_n, budget_width=cfg.search.budget_width)
             assert planned_cost(config)["images"] == budget_n

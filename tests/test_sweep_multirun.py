@@ -7,19 +7,18 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import compose_app
 from helpers.chat_server import ScriptedChatServer
-from hydra import compose, initialize_config_dir
+from helpers.cli import ROOT, cli_command
 from hydra.types import RunMode
 from PIL import Image
 
 import reflectionflow.infer  # noqa: F401  (registers the rf.shard_suffix resolver)
 from reflectionflow.search.aggregation import load_rows, plot_scaling
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-proj-RFTEST-9c2e41d7aa-never-in-wandb"
 PLANTED = "planted-secret-0d7f3b"
 DETERMINISTIC_ADVICE = ["reflector=deterministic", "refiner=deterministic"]
@@ -30,15 +29,7 @@ def multirun(
 ) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"} | (env or {})
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reflectionflow.infer",
-            "-m",
-            "progress=false",
-            f"hydra.sweep.dir={sweep_dir}",
-            *overrides,
-        ],
+        cli_command("infer", "-m", "progress=false", f"hydra.sweep.dir={sweep_dir}", *overrides),
         cwd=ROOT,
         env=environment,
         capture_output=True,
@@ -61,7 +52,7 @@ def test_tiny_flux_2x2_multirun_writes_results_table_and_plot(tmp_path, tiny_flu
     multirun(
         sweep,
         "generator=flux_tiny",
-        f"model.path={tiny_flux_path}",
+        f"weights.path={tiny_flux_path}",
         "verifier=deterministic",
         "checker=deterministic",
         *DETERMINISTIC_ADVICE,
@@ -203,12 +194,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     ],
 )
 def test_launcher_configs_compose(launcher, target, extra):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "infer",
-            overrides=[f"hydra/launcher={launcher}", "sweep=budget", *extra],
-            return_hydra_config=True,
-        )
+    cfg = compose_app("infer", f"hydra/launcher={launcher}", "sweep=budget", *extra, hydra_node=True)
     assert cfg.hydra.launcher._target_ == target
     assert cfg.hydra.mode == RunMode.MULTIRUN
     assert cfg.hydra.runtime.choices["hydra/launcher"] == launcher

@@ -6,12 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import compose_app
+from helpers.cli import ROOT, cli_command
 from helpers.search import deterministic_engine
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 import reflectionflow.infer  # noqa: F401  (registers the rf.shard_suffix resolver)
@@ -24,7 +24,6 @@ from reflectionflow.search.run_dir import RunWriter, shard_suffix
 from reflectionflow.search.runner import run_search
 from reflectionflow.search.sharding import environment_shard, merge_runs, resolve_shard, sharding_environment
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = SearchConfig(width=2, depth=1, axes=Axes(noise=True, prompt=True, reflection=True))
 ITEMS = [PromptItem(i, f"a photo of {i} red cubes", {"prompt": "", "tag": "counting"}) for i in range(5)]
 
@@ -77,15 +76,14 @@ def test_multirun_jobs_ignore_array_variables(monkeypatch):
     """The submitit launcher runs sweep jobs as a SLURM array: its task ids are not shards."""
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for mode, expected in [("RUN", (1, 2)), ("MULTIRUN", (0, 1))]:
-            cfg = compose("infer", overrides=[f"hydra.mode={mode}"], return_hydra_config=True)
-            HydraConfig.instance().set_config(cfg)
-            try:
-                assert resolve_shard(None, None, sharding_environment()) == expected
-                assert cfg.hydra.output_subdir == ".hydra" + shard_suffix(*expected)
-            finally:
-                HydraConfig.instance().cfg = None
+    for mode, expected in [("RUN", (1, 2)), ("MULTIRUN", (0, 1))]:
+        cfg = compose_app("infer", f"hydra.mode={mode}", hydra_node=True)
+        HydraConfig.instance().set_config(cfg)
+        try:
+            assert resolve_shard(None, None, sharding_environment()) == expected
+            assert cfg.hydra.output_subdir == ".hydra" + shard_suffix(*expected)
+        finally:
+            HydraConfig.instance().cfg = None
 
 
 def test_shard_suffix_names_the_shards_summary_file(tmp_path):
@@ -165,7 +163,7 @@ def run_files(run_dir: Path) -> dict[str, object]:
 def infer(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
     return subprocess.Popen(
-        [sys.executable, "-m", "reflectionflow.infer", "progress=false", *args],
+        cli_command("infer", "progress=false", *args),
         cwd=ROOT,
         env=environment | (env or {}),
         stdout=subprocess.PIPE,
