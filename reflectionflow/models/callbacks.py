@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +29,27 @@ def _every(trainer: L.Trainer, every_n_steps: int, state: dict) -> bool:
         return False
     state["last"] = step
     return True
+
+
+class EveryNSteps(L.Callback, ABC):
+    """Runs `run(trainer, pl_module)` every N optimizer steps and once more when training ends (unless it
+    just ran at that step), so a run's last state is always measured."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self._state: dict = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _every(trainer, self.every_n_steps, self._state):
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._state.get("last") != trainer.global_step:
+            self.run(trainer, pl_module)
+
+    @abstractmethod
+    def run(self, trainer, pl_module) -> None:
+        """The periodic work."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -82,25 +104,16 @@ class LoraSnapshots(L.Callback):
         self._save(trainer, pl_module, "final")
 
 
-class ValidationPanels(L.Callback):
+class ValidationPanels(EveryNSteps):
     """Every N steps, correct the datamodule's fixed held-out flawed images with their reflections and log
     a `flawed | corrected | target` panel per sample, captioned with the reflection (PNG files in
     `<run>/validation/`, and images in loggers that take them, e.g. W&B)."""
 
     def __init__(self, every_n_steps: int = 500, num_inference_steps: int = 28, guidance_scale: float = 3.5, seed: int = 0):
-        self.every_n_steps = every_n_steps
+        super().__init__(every_n_steps)
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.seed = seed
-        self._state: dict = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if _every(trainer, self.every_n_steps, self._state):
-            self.run(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._state.get("last") != trainer.global_step:
-            self.run(trainer, pl_module)
 
     @torch.no_grad()
     def run(self, trainer, pl_module) -> None:
@@ -163,25 +176,16 @@ def samples_batch(samples: list[dict]) -> dict:
     return batch | {"image": pixels(s["image"] for s in samples), "condition": pixels(s["condition"] for s in samples)}
 
 
-class ValidationMetrics(L.Callback):
+class ValidationMetrics(EveryNSteps):
     """Every N steps on the datamodule's fixed held-out samples: `val/loss` (flow matching with a fixed
     generator, so the curve shows the model, not the draws) and whether the corrector reads its flawed
     image and its reflection (`models.diagnostics.condition_use`: real / shuffled loss ratios, edited vs
     unchanged tokens, at t = 0.3 / 0.6 / 0.9)."""
 
     def __init__(self, every_n_steps: int = 500, times: tuple[float, ...] = (0.3, 0.6, 0.9), seed: int = 0):
-        self.every_n_steps = every_n_steps
+        super().__init__(every_n_steps)
         self.times = tuple(times)
         self.seed = seed
-        self._state: dict = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if _every(trainer, self.every_n_steps, self._state):
-            self.run(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._state.get("last") != trainer.global_step:
-            self.run(trainer, pl_module)
 
     @torch.no_grad()
     def run(self, trainer, pl_module) -> dict[str, float]:
