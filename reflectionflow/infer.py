@@ -29,7 +29,7 @@ from reflectionflow.search.config import SearchConfig
 from reflectionflow.search.engine import SearchEngine
 from reflectionflow.search.errors import FatalAPIError, SetupError
 from reflectionflow.search.prompts import PromptItem, shard, single_prompt
-from reflectionflow.search.result_file import assess, job_result, read_budget, write_result
+from reflectionflow.search.result_file import assess, job_result, nested_outcomes, read_budget, write_result
 from reflectionflow.search.run_dir import shard_suffix
 from reflectionflow.search.runner import run_search
 from reflectionflow.search.secrets import check_api_keys
@@ -169,21 +169,21 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
         )
         assessing = time.perf_counter()
         outcomes = assess(run_dir, mine, checker)
+        nested = nested_outcomes(run_dir, mine, search, checker) if search.budgets is not None else None
         finished = time.perf_counter()
-        result = job_result(
-            job=job,
-            search=extra["search"],
-            shard=extra["shard"],
-            outcomes=outcomes,
-            budget=read_budget(run_dir, mine),
-            job_seconds={
-                "setup": searching - started,
-                "search": assessing - searching,
-                "assess": finished - assessing,
-                "total": finished - started,
-            },
-            wandb=None if tracker is None else tracker.describe(),
-        )
+        described = {
+            "job": job,
+            "shard": extra["shard"],
+            "job_seconds": {"setup": searching - started, "search": assessing - searching,
+                            "assess": finished - assessing, "total": finished - started},
+            "wandb": None if tracker is None else tracker.describe(),
+        }
+        budgets = None if nested is None else [
+            job_result(search=sub.to_dict(), outcomes=sub_outcomes, budget=spent, **described)
+            for sub, sub_outcomes, spent in nested
+        ]
+        result = job_result(search=extra["search"], outcomes=outcomes, budget=read_budget(run_dir, mine),
+                            budgets=budgets, **described)
         path = write_result(run_dir, result, shard_suffix(shard_index, num_shards))
         if tracker is not None:
             tracker.log_result(run_dir, result)

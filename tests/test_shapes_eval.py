@@ -83,26 +83,29 @@ def test_shapes_experiment_writes_results_table_and_plot(tmp_path, shapes_flux, 
         "generator.num_inference_steps=2",
         "progress=false",
         "search=noise,reflectionflow,reflectionflow_no_condition",
-        "search.budget=1,2",
+        "search.budgets=[1,2]",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cache=tmp_path / "cache",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = sorted((tmp_path / "sweep").glob("*/result.json"))
-    assert len(results) == 6  # 3 presets x budgets 1, 2
+    assert len(results) == 3  # one job per preset, budgets 1 and 2 read off each
     presets = set()
     for path in results:
-        job = json.loads(path.read_text())
-        presets.add(job["preset"])
-        correct = [prompt["correct"] for prompt in job["per_prompt"]]
-        assert job["prompts"] == 6 and job["checked"] == 6 and job["accuracy"] == sum(correct) / 6
-        assert job["search"]["stop_score"] == 1.0
+        run = json.loads(path.read_text())
         images = sum(json.loads(p.read_text())["budget"]["images"] for p in path.parent.glob("*/search.json"))
-        assert images == job["budget"]["images"] <= 6 * job["search_budget"]  # the stop spends at most the budget
-        if job["stopped"] == 0:
-            assert job["per_prompt_budget"]["images"] == job["search_budget"]
-        if job["preset"] != "noise" and job["search_budget"] == 2:  # a reflection for each corrected image
-            assert job["budget"]["reflector"]["calls"] == images - 6 > 0
+        assert images == run["budget"]["images"] <= 6 * 2  # the stop spends at most the largest budget
+        assert [job["search_budget"] for job in run["budgets"]] == [1, 2]
+        for job in run["budgets"]:
+            presets.add(job["preset"])
+            correct = [prompt["correct"] for prompt in job["per_prompt"]]
+            assert job["prompts"] == 6 and job["checked"] == 6 and job["accuracy"] == sum(correct) / 6
+            assert job["search"]["stop_score"] == 1.0
+            assert job["budget"]["images"] <= 6 * job["search_budget"]
+            if job["stopped"] == 0:
+                assert job["per_prompt_budget"]["images"] == job["search_budget"]
+            if job["preset"] != "noise" and job["search_budget"] == 2:  # a reflection per corrected image
+                assert job["budget"]["reflector"]["calls"] == job["budget"]["images"] - 6 > 0
     assert presets == {"noise", "reflectionflow", "reflectionflow_no_condition"}
     rows = list(csv.DictReader((tmp_path / "sweep" / "scaling.csv").open()))
     assert len(rows) == 6

@@ -29,7 +29,7 @@ from reflectionflow.search.wandb_logging import log_scaling, settings_from_resul
 
 log = logging.getLogger(__name__)
 # Overrides that place a job on the x axis or name its preset, rather than make it a different series.
-AXIS_KEYS = {"search", "search.width", "search.depth", "search.budget", "shard_index", "num_shards"}
+AXIS_KEYS = {"search", "search.width", "search.depth", "search.budget", "search.budgets", "shard_index", "num_shards"}
 TABLE, CSV, PLOT = "scaling.md", "scaling.csv", "scaling.png"
 PANEL_INCHES, DPI = (5.0, 4.0), 100
 
@@ -95,17 +95,20 @@ def load_rows(root: str | os.PathLike) -> tuple[list[JobRow], list[dict[str, Any
         if not result["prompts"]:
             log.warning("%s has no finished prompts; left out of the table", path)
             continue
-        kept.append((path, result))
-    overrides = [_overrides(result) for _, result in kept]
+        if result.get("budgets"):  # a nested-budget search: one row per budget read off it
+            kept += [(path, nested, True) for nested in result["budgets"]]
+        else:
+            kept.append((path, result, False))
+    overrides = [_overrides(result) for _, result, _ in kept]
     keys = sorted({key for o in overrides for key in o})
     varying = [key for key in keys if len({o.get(key) for o in overrides}) > 1]
     rows = []
-    for (path, result), job_overrides in zip(kept, overrides, strict=True):
+    for (path, result, nested), job_overrides in zip(kept, overrides, strict=True):
         label = " ".join([result["preset"], *(f"{k}={job_overrides.get(k, '-')}" for k in varying)])
         cost = result["per_prompt_budget"]
         rows.append(
             JobRow(
-                job=_job_name(root, path),
+                job=_job_name(root, path) + (f"@{result['search_budget']}" if nested else ""),
                 series=label,
                 preset=result["preset"],
                 width=result["width"],

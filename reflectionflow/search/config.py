@@ -8,7 +8,7 @@ is the other direction: the width and depth that spend a given number of images.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 STRATEGIES = ("chains", "zero_order")
@@ -47,6 +47,10 @@ class SearchConfig:
     corrector_input: what the corrector sees in reflection rounds (ablations): `full` (prompt + reflection
     and the flawed image), `no_reflection` (T5 text = prompt alone), `no_condition` (a black condition
     image, as the training's image drop), `condition_only` (empty T5 text: the flawed image alone).
+    budgets: evaluate the preset at each of these budgets from one search (`nested_budgets`): the search
+    runs at the largest, with `stop_score` each chain stops at its own first image reaching it, and the
+    result of every budget is read off the candidates its own search would have made. Chain searches whose
+    chains all survive only (then chains never interact, and a smaller budget's search is a prefix).
     """
 
     width: int = 4
@@ -60,10 +64,13 @@ class SearchConfig:
     budget_width: int | None = None
     stop_score: float | None = None
     corrector_input: str = "full"
+    budgets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.axes, Mapping):
             object.__setattr__(self, "axes", Axes(**self.axes))
+        if self.budgets is not None:
+            self._check_budgets()
         if self.budget is not None:
             width, depth = split_budget(self.budget, self.budget_width)
             object.__setattr__(self, "width", width)
@@ -89,6 +96,44 @@ class SearchConfig:
             raise ValueError(
                 "with every search.axes.* off, rounds after round 0 would repeat round 0; enable an axis"
             )
+
+    def _check_budgets(self) -> None:
+        budgets = tuple(sorted(set(self.budgets)))
+        if not budgets:
+            raise ValueError("search.budgets must name at least one budget (or be null)")
+        if self.budget is not None and self.budget != budgets[-1]:
+            raise ValueError(f"search.budget={self.budget} with search.budgets={list(budgets)}: the search "
+                             "runs at the largest budget; leave search.budget unset")
+        if self.strategy != "chains" or self.survivors is not None:
+            raise ValueError("search.budgets needs a chain search whose chains all survive (search.strategy=chains, "
+                             "search.survivors=null): only then is a smaller budget's search a prefix")
+        largest = split_budget(budgets[-1], self.budget_width)
+        for budget in budgets:
+            width, depth = split_budget(budget, self.budget_width)
+            if width > largest[0] or depth > largest[1]:
+                raise ValueError(f"search.budgets: budget {budget} searches {width} x {depth}, not a prefix of "
+                                 f"the largest budget's {largest[0]} x {largest[1]}")
+        object.__setattr__(self, "budgets", budgets)
+        object.__setattr__(self, "budget", budgets[-1])
+
+    @property
+    def stops_per_chain(self) -> bool:
+        """Each chain stops at its own first image reaching `stop_score`: with nested budgets whose searches
+        are not all the first images of the largest one in (round, chain) order (budget 2 of a 2-wide
+        preset is chain 0's rounds 0 and 1). Otherwise the usual early stop already serves every budget."""
+        if self.budgets is None or self.stop_score is None:
+            return False
+        order = [(r, c) for r in range(self.depth + 1) for c in range(self.width)]
+        for budget in self.budgets:
+            width, depth = split_budget(budget, self.budget_width)
+            grid = [(r, c) for r in range(depth + 1) for c in range(width)]
+            if order[: len(grid)] != grid:
+                return True
+        return False
+
+    def at_budget(self, budget: int) -> SearchConfig:
+        """This preset as one search at `budget` images per prompt (one of `budgets`)."""
+        return replace(self, budget=budget, budgets=None)
 
     @property
     def kept(self) -> int:

@@ -31,7 +31,9 @@ searched at once (`SearchEngine.search` called concurrently, as the runner does 
 
 Early stop (`search.stop_score`): the search ends at the first image whose score reaches the stop score;
 the rounds are made one chain at a time then, so that image is the first perfect one in (round, chain)
-order, which is exactly the one the full search would select.
+order, which is exactly the one the full search would select. With nested budgets (`search.budgets`)
+each chain stops at its own first such image instead, so that every smaller budget's search can be read
+off the candidates (`result_file.nested_results`).
 """
 
 from __future__ import annotations
@@ -202,7 +204,7 @@ class SearchStrategy(ABC):
         """The round's candidates: all planned images in one generator call or, with a stop score, one after
         another up to the first that reaches it. With `next_inputs_of`, also each chain's next inputs,
         computed as soon as its image is scored (except for an image that ends the search)."""
-        if self.config.stop_score is None:
+        if self.config.stop_score is None or self.config.stops_per_chain:
             return await self._generate_and_score(round_index, planned, next_inputs_of)
         candidates: list[Candidate] = []
         next_inputs: dict[int, ChainInputs] = {}
@@ -303,18 +305,24 @@ class ChainSearch(SearchStrategy):
                 round_index, planned, self._reflect_and_refine if reflect_when_scored else None
             )
             candidates += made
-            if last_round or self._reaches_stop_score(made[-1].score):
+            if cfg.stops_per_chain:  # a chain whose image reached the stop score ends; the others go on
+                parents = {c.chain: c for c in made if not self._reaches_stop_score(c.score)}
+            elif self._reaches_stop_score(made[-1].score):
                 break
-            parents = assign_parents([c.score.rank for c in made], cfg.kept)
+            else:
+                ranked = assign_parents([c.score.rank for c in made], cfg.kept)
+                parents = {chain: made[parent] for chain, parent in enumerate(ranked)}
+            if last_round or not parents:
+                break
             if self.carries_inputs and not reflect_when_scored:
-                survivors = [made[chain] for chain in dict.fromkeys(parents)]
+                survivors = list({id(c): c for c in parents.values()}.values())
                 found = await asyncio.gather(*(self._reflect_and_refine(parent) for parent in survivors))
                 next_inputs = {parent.chain: inputs for parent, inputs in zip(survivors, found, strict=True)}
-            planned = self._plan_round(round_index + 1, [made[chain] for chain in parents], next_inputs)
+            planned = self._plan_round(round_index + 1, parents, next_inputs)
         return candidates
 
     def _plan_round(
-        self, round_index: int, parents: list[Candidate], next_inputs: dict[int, ChainInputs]
+        self, round_index: int, parents: dict[int, Candidate], next_inputs: dict[int, ChainInputs]
     ) -> list[PlannedImage]:
         """Each chain's image in round `round_index`, continuing from `parents[chain]`; without the noise
         axis a chain keeps its round-0 seed."""
@@ -322,11 +330,11 @@ class ChainSearch(SearchStrategy):
         if not self.carries_inputs:
             return [
                 PlannedImage(chain, self._seed(chain, seed_round), None, ChainInputs(self.item.prompt))
-                for chain in range(self.config.width)
+                for chain in parents
             ]
         return [
             PlannedImage(chain, self._seed(chain, seed_round), parent, next_inputs[parent.chain])
-            for chain, parent in enumerate(parents)
+            for chain, parent in parents.items()
         ]
 
     async def _reflect_and_refine(self, candidate: Candidate) -> ChainInputs:

@@ -16,8 +16,17 @@ from the job's run directory (`assess`, `read_budget`), built (`job_result`), wr
                                       seconds.job_setup / job_search / job_assess / job_total
     per_prompt_budget                 images, NFE, calls and tokens per prompt (the scaling plot's x axes)
     per_prompt                        index, tag, score, ok, correct, stopped: enough to merge shards unchanged
+    budgets                           with nested budgets (`search.budgets`): one such result per budget,
+                                      read off the one search (`nested_results`)
 
 Every wall time is under `budget.seconds`, so two runs of the same search differ only there.
+
+Nested budgets: a chain search whose chains all survive makes, at a smaller budget, exactly the first
+chains' first rounds of the search at the largest budget (seeds are per chain and round; a chain's next
+inputs come from its own candidates only). Its result is therefore read off the big search's candidates:
+the candidates of its width x (depth + 1) grid in (round, chain) order, up to the first reaching
+`stop_score` (where its own search would stop), selected as its own search selects. Images, NFE and
+logical API calls are what that search would spend; tokens and wall time are the one search's.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from PIL import Image
 
 from reflectionflow.search.budget import ROLES, Budget
 from reflectionflow.search.checkers import Checker
+from reflectionflow.search.config import SearchConfig
 from reflectionflow.search.run_dir import SELECTED_FILE, prompt_dir, read_record, read_search, write_json
 
 UNTAGGED = "untagged"
@@ -78,6 +88,57 @@ def read_budget(run_dir: Path, indices: Iterable[int]) -> Budget:
     return total
 
 
+def _reaches(candidate: Mapping[str, Any], stop_score: float | None) -> bool:
+    score = candidate["score"]
+    return stop_score is not None and score["ok"] and score["value"] >= stop_score
+
+
+def prefix_search(candidates: Sequence[Mapping[str, Any]], config: SearchConfig) -> tuple[dict, Budget]:
+    """(selected candidate, spending) of the search `config` (one of a nested search's budgets) read off
+    the nested search's `candidates` (search.json entries)."""
+    grid = [(r, c) for r in range(config.depth + 1) for c in range(config.width)]
+    made = {(c["round"], c["chain"]): c for c in candidates}
+    spent: list[Mapping[str, Any]] = []
+    for key in grid:
+        if key not in made:
+            raise ValueError(f"candidate (round, chain) {key} of a {config.width} x {config.depth} search is "
+                             "missing: the nested search stopped that chain without reaching the stop score")
+        spent.append(made[key])
+        if _reaches(made[key], config.stop_score):
+            break
+    selected = max(spent, key=lambda c: (c["score"]["ok"], c["score"]["value"]))  # first of equals
+    budget = Budget(images=len(spent), nfe=sum(c["nfe"] for c in spent))
+    budget.verifier.calls = len(spent)
+    advised = sum(1 for c in spent if c["round"] < config.depth and not _reaches(c, config.stop_score))
+    budget.reflector.calls = advised if config.reflects else 0
+    budget.refiner.calls = advised if config.refines else 0
+    return dict(selected), budget
+
+
+def nested_outcomes(
+    run_dir: Path, indices: Sequence[int], config: SearchConfig, checker: Checker | None = None
+) -> list[tuple[SearchConfig, list[PromptOutcome], Budget]]:
+    """Per budget of `config.budgets`: (that budget's search config, its outcomes, what it spends), read
+    off the nested search's candidates in `run_dir` (see the module docstring)."""
+    searches = {index: read_search(run_dir, index) for index in indices}
+    found = []
+    for budget_n in config.budgets:
+        sub = config.at_budget(budget_n)
+        outcomes, spent = [], Budget()
+        for index, search in searches.items():
+            selected, cost = prefix_search(search["candidates"], sub)
+            correct = None
+            if checker is not None:
+                with Image.open(prompt_dir(run_dir, index) / selected["file"]) as image:
+                    correct = bool(checker.check(image.convert("RGB"), read_record(run_dir, index)))
+            score = selected["score"]
+            outcomes.append(PromptOutcome(index, search["tag"], score["value"], score["ok"], correct,
+                                          _reaches(selected, sub.stop_score)))
+            spent.add(cost)
+        found.append((sub, outcomes, spent))
+    return found
+
+
 def _scores(outcomes: Sequence[PromptOutcome]) -> dict[str, Any]:
     scores = [o.score for o in outcomes]
     verdicts = [o.correct for o in outcomes if o.correct is not None]
@@ -112,9 +173,11 @@ def job_result(
     job_seconds: Mapping[str, float],
     wandb: Mapping[str, Any] | None = None,
     merged_from: Sequence[Mapping[str, Any]] | None = None,
+    budgets: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The result file's content (see the module docstring); `outcomes` in prompt-index order,
-    `job_seconds` the job's wall time by stage (setup, search, assess, total)."""
+    `job_seconds` the job's wall time by stage (setup, search, assess, total), `budgets` the nested
+    budgets' results."""
     tags: dict[str, list[PromptOutcome]] = {}
     for outcome in outcomes:
         tags.setdefault(outcome.tag or UNTAGGED, []).append(outcome)
@@ -139,6 +202,8 @@ def job_result(
     }
     if merged_from is not None:
         result["merged_from"] = [dict(m) for m in merged_from]
+    if budgets is not None:
+        result["budgets"] = [dict(b) for b in budgets]
     return result
 
 

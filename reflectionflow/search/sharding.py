@@ -18,6 +18,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from reflectionflow.search.budget import Budget
 from reflectionflow.search.errors import SetupError
 from reflectionflow.search.result_file import (
     PromptOutcome,
@@ -205,17 +206,33 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
             if stage.startswith("job_"):
                 job_seconds[stage[4:]] = job_seconds.get(stage[4:], 0.0) + value
     first = shard_results[0][1]
+    common = {"job": reference["job"], "shard": {"index": 0, "count": 1}, "job_seconds": job_seconds}
     result = job_result(
-        job=reference["job"],
         search=first["search"],
-        shard={"index": 0, "count": 1},
         outcomes=[PromptOutcome(**outcomes[i]) for i in sorted(outcomes)],
         budget=read_budget(out, sorted(folders)),
-        job_seconds=job_seconds,
         merged_from=[
             {"dir": str(path.parent), "shard": result["shard"]}
             for path, result in sorted(shard_results, key=lambda pr: pr[1]["shard"]["index"])
         ],
+        budgets=_merged_budgets([result for _, result in shard_results], common),
+        **common,
     )
     write_result(out, result)
     return result
+
+
+def _merged_budgets(shards: Sequence[Mapping[str, Any]], common: Mapping[str, Any]) -> list[dict] | None:
+    """A nested-budget search's per-budget results over all shards: their prompts joined, their spending
+    summed (each shard read its budgets off its own prompts' candidates)."""
+    if not shards[0].get("budgets"):
+        return None
+    merged = []
+    for parts in zip(*(shard["budgets"] for shard in shards), strict=True):
+        spent = Budget()
+        for part in parts:
+            spent.add(Budget.from_dict(part["budget"]))
+        prompts = sorted((o for part in parts for o in part["per_prompt"]), key=lambda o: o["index"])
+        merged.append(job_result(search=parts[0]["search"], outcomes=[PromptOutcome(**o) for o in prompts],
+                                 budget=spent, **common))
+    return merged
