@@ -13,10 +13,12 @@ from reflectionflow.shapes.world import (
     apply_reflection,
     check_image,
     detect_scene,
+    make_flawed,
     make_triplet,
     render_scene,
     rendered_triplets,
     sample_example,
+    sample_scene,
 )
 
 GENREF_KEYS = {"good_image.jpg", "bad_image.jpg", "reflection.txt", "prompt.txt", "subset.txt"}
@@ -56,3 +58,12 @@ def test_make_triplet_skips_images_that_are_already_correct():
     rng = np.random.default_rng(0)
     spec, scene = sample_example(rng)
     assert make_triplet(spec, render_scene(scene), rng, editing=True) is None
+
+
+def test_a_passing_sample_of_the_same_prompt_makes_a_rule_triplet():
+    rng = np.random.default_rng(1)
+    spec, scene = sample_example(rng, tags=("colors",))
+    passing = render_scene(sample_scene(spec, rng))
+    flawed, _ = make_flawed(spec, scene, rng)
+    triplet = make_triplet(spec, render_scene(flawed), rng, editing=True, good=passing)
+    assert triplet.subset == "rule" and triplet.good is passing and triplet.reflection

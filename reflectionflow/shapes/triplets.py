@@ -60,9 +60,13 @@ def model_sample_triplets(
     true_cfg_scale: float,
     max_sequence_length: int,
     batch_size: int,
+    samples_per_prompt: int = 1,
+    rule_fraction: float = 0.0,
 ) -> tuple[list[Triplet], Counter]:
-    """Triplets from `n` base-model samples of training prompts; counts the samples that gave none:
-    `already_correct`, `unusable` (no passing good image) and `reflector_error`."""
+    """Triplets from `n` base-model samples of training prompts, `samples_per_prompt` per prompt. A failing
+    sample pairs, with probability `rule_fraction`, with a passing sample of the same prompt (subset
+    `rule`), else with its edited scene (`editing_fraction`) or a fresh render (`general`). Counts the
+    samples that gave none: `already_correct`, `unusable` (no passing good image), `reflector_error`."""
     from reflectionflow.models.loading import load_flux_pipeline
     from reflectionflow.models.pipeline import ReflectionFluxPipeline
 
@@ -72,30 +76,37 @@ def model_sample_triplets(
     rng = np.random.default_rng([seed, 1])
     counts: Counter = Counter()
     triplets: list[Triplet] = []
-    for start in range(0, n, batch_size):
-        specs = [sample_example(rng, "train")[0] for _ in range(min(batch_size, n - start))]
-        noises = torch.stack([pipe.initial_noise(seed * 1_000_003 + start + i, image_size, image_size)
-                              for i in range(len(specs))])
-        images = pipe.generate([s.prompt for s in specs], noises=noises, height=image_size, width=image_size,
+    prompts, per_batch = -(-n // samples_per_prompt), max(1, batch_size // samples_per_prompt)
+    for start in range(0, prompts, per_batch):
+        specs = [sample_example(rng, "train")[0] for _ in range(min(per_batch, prompts - start))]
+        flat = [spec for spec in specs for _ in range(samples_per_prompt)]
+        first = start * samples_per_prompt
+        noises = torch.stack([pipe.initial_noise(seed * 1_000_003 + first + i, image_size, image_size)
+                              for i in range(len(flat))])
+        images = pipe.generate([s.prompt for s in flat], noises=noises, height=image_size, width=image_size,
                                num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale)
-        for spec, image in zip(specs, images, strict=True):
-            checked = check_image(image, spec)
-            if checked.correct:
-                counts["already_correct"] += 1
-                continue
-            editing = bool(rng.random() < editing_fraction)
-            try:
-                triplet = make_triplet(spec, image, rng, editing=editing, size=image_size, meta={"source": "model"},
-                                       checked=checked)
-            except ValueError as err:  # the rule-based reflector fails on some scenes no flaw generator makes
-                counts["reflector_error"] += 1
-                log.debug("no triplet from a sample of %r: %s", spec.prompt, err)
-                continue
-            if triplet is None:
-                counts["unusable"] += 1
-            else:
-                triplets.append(triplet)
-        log.info("base-model samples: %d / %d", min(start + batch_size, n), n)
+        for j, spec in enumerate(specs):
+            group = images[j * samples_per_prompt : (j + 1) * samples_per_prompt]
+            checks = [check_image(image, spec) for image in group]
+            passing = [image for image, checked in zip(group, checks, strict=True) if checked.correct]
+            for image, checked in zip(group, checks, strict=True):
+                if checked.correct:
+                    counts["already_correct"] += 1
+                    continue
+                good = passing[0] if passing and rng.random() < rule_fraction else None
+                editing = good is None and bool(rng.random() < editing_fraction)
+                try:
+                    triplet = make_triplet(spec, image, rng, editing=editing, size=image_size, checked=checked,
+                                           good=good, meta={"source": "model"})
+                except ValueError as err:  # the rule-based reflector fails on some scenes no flaw generator makes
+                    counts["reflector_error"] += 1
+                    log.debug("no triplet from a sample of %r: %s", spec.prompt, err)
+                    continue
+                if triplet is None:
+                    counts["unusable"] += 1
+                else:
+                    triplets.append(triplet)
+        log.info("base-model samples: %d / %d", min((start + per_batch) * samples_per_prompt, n), n)
     return triplets, counts
 
 
@@ -145,6 +156,8 @@ class ShapesTripletsDataModule(GenRefDataModule):
         rendered: triplets from flawed renders.
         editing_fraction: share of `editing` triplets (good = flawed scene with the edits applied); the rest
             are `general` (good = an independent correct scene).
+        samples_per_prompt / rule_fraction: base-model samples drawn per prompt; the share of failing ones
+            paired with a passing sample of the same prompt (`rule`, as GenRef's rule-based pairs).
         sample_steps / sample_true_cfg_scale / sample_max_sequence_length / sample_batch: how the base
             model is sampled (as its own metrics sample it).
         image_size: side of the rendered and sampled images.
@@ -161,6 +174,8 @@ class ShapesTripletsDataModule(GenRefDataModule):
         sample_true_cfg_scale: float = 3.0,
         sample_max_sequence_length: int = 16,
         sample_batch: int = 64,
+        samples_per_prompt: int = 1,
+        rule_fraction: float = 0.0,
         image_size: int = 48,
         samples_per_shard: int = 500,
         seed: int = 0,
@@ -169,8 +184,11 @@ class ShapesTripletsDataModule(GenRefDataModule):
         if model_samples < 0 or rendered < 0 or model_samples + rendered == 0:
             raise ValueError(f"data.model_samples ({model_samples}) and data.rendered ({rendered}) must be >= 0, "
                              "not both 0")
-        if not 0.0 <= editing_fraction <= 1.0:
-            raise ValueError(f"data.editing_fraction must be in [0, 1], got {editing_fraction}")
+        for name, value in (("editing_fraction", editing_fraction), ("rule_fraction", rule_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1], got {value}")
+        if samples_per_prompt < 1:
+            raise ValueError(f"data.samples_per_prompt must be >= 1, got {samples_per_prompt}")
         self.base_path = str(base_path)
         self.build_config = {
             "version": FORMAT_VERSION,
@@ -182,6 +200,8 @@ class ShapesTripletsDataModule(GenRefDataModule):
             "sample_true_cfg_scale": float(sample_true_cfg_scale),
             "sample_max_sequence_length": int(sample_max_sequence_length),
             "sample_batch": int(sample_batch),  # the batch size orders the random draws
+            "samples_per_prompt": int(samples_per_prompt),
+            "rule_fraction": float(rule_fraction),
             "image_size": int(image_size),
             "samples_per_shard": int(samples_per_shard),
             "seed": int(seed),
@@ -205,7 +225,8 @@ class ShapesTripletsDataModule(GenRefDataModule):
                 self.base_path, r["model_samples"], seed=r["seed"], image_size=r["image_size"],
                 editing_fraction=r["editing_fraction"], num_inference_steps=r["sample_steps"],
                 true_cfg_scale=r["sample_true_cfg_scale"], max_sequence_length=r["sample_max_sequence_length"],
-                batch_size=r["sample_batch"],
+                batch_size=r["sample_batch"], samples_per_prompt=r["samples_per_prompt"],
+                rule_fraction=r["rule_fraction"],
             )
         rendered = list(rendered_triplets(r["rendered"], seed=r["seed"], size=r["image_size"],
                                           editing_fraction=r["editing_fraction"], split="train"))

@@ -1,9 +1,10 @@
 """(flawed image, reflection, correct image) triplets of the shapes world; `shapes.triplets` writes them as
 GenRef shards.
 
-Subsets: `editing` when the good image is the flawed scene with exactly the reflection's edits applied
-(same layout, as in GenRef's editing pairs); `general` when it is an independent correct sample of the
-prompt (as GenRef pairs a rejected and an accepted generation).
+Subsets, as GenRef's sources: `editing` when the good image is the flawed scene with exactly the
+reflection's edits applied (same layout, as GenRef's editing pairs); `rule` when it is another sample of
+the same prompt that the checker passes (GenRef's rule-based pairs of a rejected and an accepted
+generation); `general` when it is an independent correct render of the prompt.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Triplet:
     reflection: str
     bad: Image.Image
     good: Image.Image
-    subset: str  # general | editing
+    subset: str  # editing | rule | general
     meta: dict[str, Any] = field(default_factory=dict)  # GenEval record, flaw kind, problems found
 
 
@@ -45,19 +46,22 @@ def make_triplet(
     size: int = DEFAULT_SIZE,
     meta: dict[str, Any] | None = None,
     checked: CheckResult | None = None,
+    good: Image.Image | None = None,
 ) -> Triplet | None:
     """Check `bad` (a flawed render or a model sample; `checked`: its check, if the caller has it),
-    reflect on it and pair it with a good image. None when there is nothing to learn: `bad` is already
+    reflect on it and pair it with a good image: `good` if given (a passing sample: subset `rule`), else
+    the edited scene or a fresh correct scene. None when there is nothing to learn: `bad` is already
     correct, or the good image would not pass (e.g. the edit keeps an object of a colour outside the palette)."""
     result = checked or check_image(bad, spec)
     if result.correct:
         return None
     edits = plan_edits(result, rng)
-    try:
-        good_scene = apply_edits(result.scene, edits) if editing else sample_scene(spec, rng)
-        good = render_scene(good_scene, size)
-    except ValueError:
-        return None
+    subset = "rule" if good is not None else "editing" if editing else "general"
+    if good is None:
+        try:
+            good = render_scene(apply_edits(result.scene, edits) if editing else sample_scene(spec, rng), size)
+        except ValueError:
+            return None
     if not check_image(good, spec).correct:
         return None
     info = {
@@ -66,7 +70,7 @@ def make_triplet(
         "bad_score": result.score,
         **(meta or {}),
     }
-    return Triplet(spec.prompt, reflection_text(edits), bad, good, "editing" if editing else "general", info)
+    return Triplet(spec.prompt, reflection_text(edits), bad, good, subset, info)
 
 
 def rendered_triplets(
