@@ -29,6 +29,7 @@ from PIL import Image
 from reflectionflow.data.datamodule import GenRefDataModule
 from reflectionflow.data.transforms import t5_text
 from reflectionflow.shapes.world import (
+    CATEGORIES,
     Triplet,
     check_image,
     heldout_eval_set,
@@ -158,6 +159,8 @@ class ShapesTripletsDataModule(GenRefDataModule):
             are `general` (good = an independent correct scene).
         samples_per_prompt / rule_fraction: base-model samples drawn per prompt; the share of failing ones
             paired with a passing sample of the same prompt (`rule`, as GenRef's rule-based pairs).
+        rendered_tags / rendered_flaws: categories and flaw kinds of the flawed renders (null: all), to
+            train on one edit type at a time.
         sample_steps / sample_true_cfg_scale / sample_max_sequence_length / sample_batch: how the base
             model is sampled (as its own metrics sample it).
         image_size: side of the rendered and sampled images.
@@ -176,6 +179,8 @@ class ShapesTripletsDataModule(GenRefDataModule):
         sample_batch: int = 64,
         samples_per_prompt: int = 1,
         rule_fraction: float = 0.0,
+        rendered_tags: list[str] | None = None,
+        rendered_flaws: list[str] | None = None,
         image_size: int = 48,
         samples_per_shard: int = 500,
         seed: int = 0,
@@ -202,6 +207,8 @@ class ShapesTripletsDataModule(GenRefDataModule):
             "sample_batch": int(sample_batch),  # the batch size orders the random draws
             "samples_per_prompt": int(samples_per_prompt),
             "rule_fraction": float(rule_fraction),
+            "rendered_tags": list(rendered_tags or CATEGORIES),
+            "rendered_flaws": None if rendered_flaws is None else list(rendered_flaws),
             "image_size": int(image_size),
             "samples_per_shard": int(samples_per_shard),
             "seed": int(seed),
@@ -228,8 +235,10 @@ class ShapesTripletsDataModule(GenRefDataModule):
                 batch_size=r["sample_batch"], samples_per_prompt=r["samples_per_prompt"],
                 rule_fraction=r["rule_fraction"],
             )
+        flaws = None if r["rendered_flaws"] is None else tuple(r["rendered_flaws"])
         rendered = list(rendered_triplets(r["rendered"], seed=r["seed"], size=r["image_size"],
-                                          editing_fraction=r["editing_fraction"], split="train"))
+                                          editing_fraction=r["editing_fraction"], split="train",
+                                          tags=tuple(r["rendered_tags"]), flaws=flaws))
         triplets = model_triplets + rendered
         order = np.random.default_rng([r["seed"], 2]).permutation(len(triplets))  # mix sources across shards
         stats = triplet_stats(triplets, counts, r["model_samples"])

@@ -19,12 +19,12 @@ from PIL import Image
 from reflectionflow.shapes.world.checker import CheckResult, check_image
 from reflectionflow.shapes.world.editor import apply_edits
 from reflectionflow.shapes.world.edits import reflection_text
-from reflectionflow.shapes.world.flaws import make_flawed
+from reflectionflow.shapes.world.flaws import applicable_flaws, make_flawed
 from reflectionflow.shapes.world.reflector import plan_edits
 from reflectionflow.shapes.world.render import render_scene
 from reflectionflow.shapes.world.sampling import sample_example, sample_scene
 from reflectionflow.shapes.world.spec import PromptSpec
-from reflectionflow.shapes.world.vocabulary import DEFAULT_SIZE
+from reflectionflow.shapes.world.vocabulary import CATEGORIES, DEFAULT_SIZE
 
 
 @dataclass(frozen=True)
@@ -74,16 +74,27 @@ def make_triplet(
 
 
 def rendered_triplets(
-    n: int, *, seed: int = 0, size: int = DEFAULT_SIZE, editing_fraction: float = 0.5, split: str = "train"
+    n: int,
+    *,
+    seed: int = 0,
+    size: int = DEFAULT_SIZE,
+    editing_fraction: float = 0.5,
+    split: str = "train",
+    tags: tuple[str, ...] = CATEGORIES,
+    flaws: tuple[str, ...] | None = None,
 ) -> Iterator[Triplet]:
-    """`n` triplets whose flawed images are renders of correct scenes with one typical mistake each."""
+    """`n` triplets whose flawed images are renders of correct scenes with one typical mistake each, of the
+    categories `tags` and (if given) only of the flaw kinds `flaws` (e.g. one edit type at a time)."""
     rng = np.random.default_rng(seed)
     made = 0
-    for _ in range(2 * n + 100):
+    for _ in range(20 * n + 100):
         if made == n:
             return
-        spec, scene = sample_example(rng, split)
-        flawed, flaw = make_flawed(spec, scene, rng)
+        spec, scene = sample_example(rng, split, tags)
+        allowed = applicable_flaws(spec) if flaws is None else [f for f in applicable_flaws(spec) if f in flaws]
+        if not allowed:
+            continue
+        flawed, flaw = make_flawed(spec, scene, rng, None if flaws is None else str(rng.choice(allowed)))
         editing = bool(rng.random() < editing_fraction)
         triplet = make_triplet(
             spec, render_scene(flawed, size), rng, editing=editing, size=size, meta={"flaw": flaw}
