@@ -160,6 +160,19 @@ def test_matches_joint_sequence_reference(components, attention, lora_on_target)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("lora_on_target", [False, True])
+def test_a_text_stream_lora_applies_to_every_token_as_the_reference_says(components, lora_on_target):
+    tr = _fresh_transformer(components, target_modules="paper_and_text")
+    assert hasattr(tr.transformer_blocks[0].attn.add_q_proj, "lora_A")  # peft wrapped the text stream
+    inputs, cond = _inputs()
+    with torch.no_grad():
+        ours = corrector_forward(tr, **inputs, **cond, lora_on_target=lora_on_target)
+        ref = reference_forward(tr, inputs, cond, "union", lora_on_target)
+        no_condition = corrector_forward(tr, **inputs, lora_on_target=False)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(no_condition, components["transformer"](**inputs).sample)  # text LoRA acts
+
+
 def test_equals_stock_forward_without_condition_or_lora(components):
     tr = components["transformer"]
     inputs, _ = _inputs()

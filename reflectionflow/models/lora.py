@@ -22,7 +22,13 @@ PAPER_TARGET_MODULES = (
     r"|transformer_blocks\.\d+\.(norm1\.linear|attn\.to_q|attn\.to_k|attn\.to_v|attn\.to_out\.0|ff\.net\.2)"
     r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_q|attn\.to_k|attn\.to_v))$"
 )
-TARGET_PRESETS = {"paper": PAPER_TARGET_MODULES}
+# The paper's set plus the double blocks' text-stream layers: the text tokens' own projections, modulation
+# and MLP, so the corrector can also learn how to read a reflection (these apply to every token).
+PAPER_AND_TEXT_TARGET_MODULES = (
+    PAPER_TARGET_MODULES[:-2]
+    + r"|transformer_blocks\.\d+\.(norm1_context\.linear|attn\.add_[qkv]_proj|attn\.to_add_out|ff_context\.net\.2))$"
+)
+TARGET_PRESETS = {"paper": PAPER_TARGET_MODULES, "paper_and_text": PAPER_AND_TEXT_TARGET_MODULES}
 # Double-block layers that process the image stream (the text stream has its own `*_context`/`add_*` layers),
 # as names relative to the block.
 DOUBLE_BLOCK_IMAGE_STREAM = re.compile(
