@@ -36,9 +36,10 @@ REFERENCE = "recipe://"
 DONE = "DONE"
 TRAIN_CONFIG_MODULE = "reflectionflow.conf.train"
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Part of every product's key; bumped when code changes what the same config trains (2: T5 vocabulary
-without sentence punctuation), so stale products are rebuilt instead of reused."""
+without sentence punctuation; 3: the corrector's LoRA carries its sampling settings, reflectionflow.json),
+so stale products are rebuilt instead of reused."""
 
 
 class RecipeError(RuntimeError):
