@@ -134,10 +134,11 @@ class ReflectionFluxPipeline:
     ) -> ReflectionFluxPipeline:
         """FLUX at `path` with the corrector LoRA at `lora_path` (a directory, weights file or hub id),
         sampled with the `settings` it was trained with (default: those it carries, `models.settings`)."""
-        from reflectionflow.models.loading import load_flux_pipeline
+        from reflectionflow.models.loading import load_flux_pipeline, resolve_lora_path
 
         if settings is None:
-            settings = corrector_settings.resolve(lora_path, {})
+            lora = None if lora_path is None else resolve_lora_path(lora_path, "lora_path")
+            settings = corrector_settings.resolve(lora, {})
         flux = load_flux_pipeline(
             path, dtype=dtype, device=device, lora_path=lora_path, adapter_name=ADAPTER_NAME,
             lora_weight_name=lora_weight_name,

@@ -59,18 +59,29 @@ class Generator(Protocol):
         ...
 
 
-def corrector_settings_of(lora_path: str | None, **explicit):
+def corrector_settings_of(
+    lora_path: str | None,
+    *,
+    attention: str | None,
+    lora_on_target: bool | None,
+    condition_size: int | None,
+    condition_position: str | None,
+    max_sequence_length: int | None,
+):
     """The corrector settings `FluxGenerator` samples `lora_path` with: the LoRA's (`models.settings`),
-    with the generator's explicit values checked against them; every bad value fails before loading."""
+    with the generator's explicit values (None = not set) checked against them; every bad value fails
+    before loading."""
     from reflectionflow.config import check_option
     from reflectionflow.models import settings as corrector_settings
     from reflectionflow.models.corrector import ATTENTION_MODES, CONDITION_POSITIONS
     from reflectionflow.models.loading import resolve_lora_path
 
-    if explicit["condition_position"] is not None:
-        check_option("generator.condition_position", explicit["condition_position"], CONDITION_POSITIONS)
-    if explicit["attention"] is not None:
-        check_option("generator.attention", explicit["attention"], ATTENTION_MODES)
+    if condition_position is not None:
+        check_option("generator.condition_position", condition_position, CONDITION_POSITIONS)
+    if attention is not None:
+        check_option("generator.attention", attention, ATTENTION_MODES)
+    explicit = dict(attention=attention, lora_on_target=lora_on_target, condition_size=condition_size,
+                    condition_position=condition_position, max_sequence_length=max_sequence_length)
     if lora_path is not None:
         lora_path = resolve_lora_path(lora_path, "generator.lora_path")
     keys = {name: f"generator.{name}" for name in explicit}
