@@ -68,9 +68,10 @@ def main() -> None:
 
     from reflectionflow.config import compose
     from reflectionflow.models.callbacks import samples_batch
-    from reflectionflow.models.diagnostics import CorrectorSettings, condition_use
+    from reflectionflow.models.diagnostics import condition_use
     from reflectionflow.models.loading import load_flux_pipeline
     from reflectionflow.models.pipeline import ReflectionFluxPipeline
+    from reflectionflow.models.settings import CorrectorSettings
     from reflectionflow.recipes import built_product
     from reflectionflow.shapes.base import sample_accuracy
     from reflectionflow.shapes.corrector import ABLATIONS, corrector_fix_rates
@@ -80,10 +81,12 @@ def main() -> None:
     cfg = compose("train", ["experiment=shapes_corrector", *args.override]).model
     base = args.base or str(built_product("shapes_base"))
     lora = args.lora or str(built_product("shapes_corrector") / "lora")
-    settings = CorrectorSettings(cfg.attention, cfg.lora_on_target, cfg.condition_position, cfg.max_sequence_length)
+    size = 48
+    settings = CorrectorSettings(base_model=base, rank=cfg.lora_rank, condition_size=size,
+                                 condition_position=cfg.condition_position, attention=cfg.attention,
+                                 lora_on_target=cfg.lora_on_target, max_sequence_length=cfg.max_sequence_length)
     flux = load_flux_pipeline(base, lora_path=lora)
     transformer = flux.transformer.eval()
-    size = 48
     cases = heldout_flawed_cases(-(-args.cases // 6), size, seed=1)[: args.cases]
     batch = samples_batch([{"image": c.good, "condition": c.bad, "prompt": c.prompt, "reflection": c.reflection,
                             "t5_text": ""} for c in cases])
@@ -116,9 +119,7 @@ def main() -> None:
     table(f"attention of target tokens (uniform share {1 / (n_text + 2 * n_image):.3f} per token)",
           ["t", "block", "own condition token", "other condition token", "all target", "all text"], rows)
 
-    pipe = ReflectionFluxPipeline(flux, attention=cfg.attention, lora_on_target=cfg.lora_on_target,
-                                  condition_size=size, condition_position=cfg.condition_position,
-                                  max_sequence_length=cfg.max_sequence_length, micro_batch=48)
+    pipe = ReflectionFluxPipeline.with_settings(flux, settings, micro_batch=48)
     fix_cases = heldout_flawed_cases(args.fix_cases, size, seed=0)
     fixes = corrector_fix_rates(pipe, fix_cases, image_size=size, num_inference_steps=cfg.eval_steps,
                                 true_cfg_scale=cfg.eval_true_cfg_scale, seed=0)

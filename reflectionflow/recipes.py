@@ -38,7 +38,9 @@ TRAIN_CONFIG_MODULE = "reflectionflow.conf.train"
 
 RECIPE_VERSION = 2
 """Part of every product's key; bumped when code changes what the same config trains (2: T5 vocabulary
-without sentence punctuation), so stale products are rebuilt instead of reused."""
+without sentence punctuation), so stale products are rebuilt instead of reused. (Correctors built before
+LoRAs carried their settings file are keyed by a base model whose config has changed since, so they are
+never reused: no bump was needed for it.)"""
 
 
 class RecipeError(RuntimeError):

@@ -10,6 +10,7 @@ from reflectionflow.models.corrector import corrector_forward, latent_ids
 from reflectionflow.models.loading import ModelNotFoundError, load_flux_pipeline
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict, save_lora
 from reflectionflow.models.pipeline import ReflectionFluxPipeline
+from reflectionflow.models.settings import CorrectorSettings
 from reflectionflow.models.tiny import build_tiny_flux
 
 PROMPT = "a photo of a red bench"
@@ -62,7 +63,7 @@ def _random_lora(transformer, rank, alpha):
 @pytest.mark.parametrize("rank,alpha", [(4, 4), (4, 16)])
 def test_lora_round_trip_is_bit_exact_and_scaled_right(tmp_path, tiny_flux_path, flux, rank, alpha):
     _random_lora(flux.transformer, rank, alpha)
-    save_lora(flux.transformer, tmp_path / "lora")
+    save_lora(flux.transformer, tmp_path / "lora", CorrectorSettings(rank=rank))
     reloaded = load_flux_pipeline(tiny_flux_path, lora_path=tmp_path / "lora")
     saved = lora_state_dict(flux.transformer)
     loaded = lora_state_dict(reloaded.transformer, ADAPTER_NAME)

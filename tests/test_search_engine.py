@@ -142,7 +142,7 @@ def test_every_configurable_strategy_has_a_search_class():
 
 
 def test_zero_order_explores_the_neighbourhood_of_the_best_noise():
-    config = SearchConfig(width=3, depth=3, strategy="zero_order", min_cosine=0.9)
+    config = SearchConfig(width=3, depth=3, strategy="zero_order", min_cosine=0.9, restart=False)
     result, engine = search(config)
     pivot = max((c for c in result.candidates if c.round == 0), key=lambda c: c.score.rank)
     for round in range(1, 4):

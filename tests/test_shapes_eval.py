@@ -48,11 +48,14 @@ def shapes_lora(shapes_flux, tmp_path_factory):
     from diffusers import FluxTransformer2DModel
 
     from reflectionflow.models.lora import add_lora, save_lora
+    from reflectionflow.models.settings import CorrectorSettings
 
     transformer = FluxTransformer2DModel.from_pretrained(shapes_flux / "transformer")
     torch.manual_seed(0)
     add_lora(transformer, rank=2, init=False)  # init=False: random B too, so the adapter changes the output
-    return save_lora(transformer, tmp_path_factory.mktemp("lora") / "lora")
+    settings = CorrectorSettings(str(shapes_flux), rank=2, condition_size=48, condition_position="aligned",
+                                 lora_on_target=True, max_sequence_length=40)  # as the recipe trains
+    return save_lora(transformer, tmp_path_factory.mktemp("lora") / "lora", settings)
 
 
 def test_backends_judge_a_correct_render_correct():

@@ -81,6 +81,10 @@ def test_budget_replaces_width_and_depth_and_is_recorded():
         "stop_score": None,
         "corrector_input": "full",
         "budgets": None,
+        "neighbour_cosine": "exact",
+        "restart": True,
+        "base_images": 32,
+        "final_pick_includes_base": False,
     }
     with pytest.raises(ValueError, match="search.survivors=2 must be in"):
         SearchConfig(budget=2, budget_width=2, survivors=2)  # budget 2 -> width 1

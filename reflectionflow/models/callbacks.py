@@ -90,7 +90,7 @@ class LoraSnapshots(L.Callback):
         state = module.lora_state()  # a collective under FSDP2: every rank calls it
         if trainer.is_global_zero:
             root = _run_dir(trainer) / self.dirname
-            save_lora(module.transformer, root / name, state_dict=state)
+            save_lora(module.transformer, root / name, module.corrector_settings(), state_dict=state)
             snapshots = sorted(root.glob("step-*"))
             for old in snapshots[: max(0, len(snapshots) - self.keep_last)]:
                 shutil.rmtree(old)
@@ -122,10 +122,7 @@ class ValidationPanels(EveryNSteps):
         samples = getattr(trainer.datamodule, "validation_samples", lambda: [])()
         if not samples:
             return
-        hp = pl_module.hparams
-        pipe = ReflectionFluxPipeline(pl_module.pipe, attention=hp.attention, lora_on_target=hp.lora_on_target,
-                                      condition_size=hp.condition_size, condition_position=hp.condition_position,
-                                      max_sequence_length=hp.max_sequence_length)
+        pipe = ReflectionFluxPipeline.with_settings(pl_module.pipe, pl_module.corrector_settings())
         was_training = pl_module.training
         pl_module.eval()
         size = samples[0]["image"].size
@@ -189,7 +186,7 @@ class ValidationMetrics(EveryNSteps):
 
     @torch.no_grad()
     def run(self, trainer, pl_module) -> dict[str, float]:
-        from reflectionflow.models.diagnostics import CorrectorSettings, condition_use, flattened
+        from reflectionflow.models.diagnostics import condition_use, flattened
 
         samples = getattr(trainer.datamodule, "validation_samples", lambda: [])()
         if len(samples) < 2:
@@ -200,9 +197,8 @@ class ValidationMetrics(EveryNSteps):
         pl_module.eval()
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         metrics = {"val/loss": float(pl_module.flow_matching_loss(batch, generator))}
-        settings = CorrectorSettings(hp.attention, hp.lora_on_target, hp.condition_position, hp.max_sequence_length,
-                                     hp.guidance)
-        results = condition_use(pl_module.pipe, pl_module.transformer, batch, settings, self.times, self.seed)
+        results = condition_use(pl_module.pipe, pl_module.transformer, batch, pl_module.corrector_settings(),
+                                self.times, self.seed, guidance=hp.guidance)
         metrics |= flattened(results)
         pl_module.train(was_training)
         for logger in trainer.loggers:

@@ -15,13 +15,13 @@ and `benchmarks/condition_use.py`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from reflectionflow.data.transforms import t5_text
 from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
 from reflectionflow.models.pipeline import encode_images
+from reflectionflow.models.settings import CorrectorSettings
 
 EDITED_TOKEN_MSE = 0.5
 """Mean squared latent difference between a target token and its condition token above which the edit
@@ -30,22 +30,18 @@ edited ones by ~2)."""
 TIMES = (0.3, 0.6, 0.9)
 
 
-@dataclass(frozen=True)
-class CorrectorSettings:
-    """How the corrector under test was trained (its forward must see the same)."""
-
-    attention: str = "union"
-    lora_on_target: bool = False
-    condition_position: str = "beside"
-    max_sequence_length: int = 512
-    guidance: float = 1.0
-
-
 @torch.no_grad()
 def condition_use(
-    flux, transformer, batch: dict, settings: CorrectorSettings, times: Sequence[float] = TIMES, seed: int = 0
+    flux,
+    transformer,
+    batch: dict,
+    settings: CorrectorSettings,
+    times: Sequence[float] = TIMES,
+    seed: int = 0,
+    guidance: float = 1.0,
 ) -> dict[str, dict[str, float]]:
-    """Per timestep, the losses and ratios described in the module docstring.
+    """Per timestep, the losses and ratios described in the module docstring, with the forward the
+    corrector was trained with (`settings`; `guidance`: the guidance embedding value of its training).
 
     `batch`: `image` and `condition` (B, 3, H, W) in [-1, 1], lists `prompt` and `reflection` (B >= 2).
     Keys per timestep: `real`, `shuffled_condition`, `no_condition`, `shuffled_reflection`, `prompt_only`,
@@ -73,16 +69,16 @@ def condition_use(
     img_ids = latent_ids(height // scale, width // scale, device=device, dtype=dtype)
     cond_ids = condition_ids(batch["condition"].shape[-1], device=device, dtype=dtype, vae_scale_factor=scale,
                              position=settings.condition_position)
-    guidance = None
+    guidance_embedding = None
     if transformer.config.guidance_embeds:
-        guidance = torch.full((batch_size,), settings.guidance, device=device)
+        guidance_embedding = torch.full((batch_size,), guidance, device=device)
 
     def token_losses(t: float, text: str, cond: torch.Tensor) -> torch.Tensor:
         t5, pooled = encoded[text]
         velocity = corrector_forward(
             transformer, hidden_states=(1 - t) * target + t * noise, encoder_hidden_states=t5.to(dtype),
             pooled_projections=pooled.to(dtype), timestep=torch.full((batch_size,), t, device=device, dtype=dtype),
-            img_ids=img_ids, txt_ids=torch.zeros(t5.shape[1], 3, device=device, dtype=dtype), guidance=guidance,
+            img_ids=img_ids, txt_ids=torch.zeros(t5.shape[1], 3, device=device, dtype=dtype), guidance=guidance_embedding,
             cond_hidden_states=cond, cond_ids=cond_ids, attention=settings.attention,
             lora_on_target=settings.lora_on_target,
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 TINY = "tiny"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `FluxPipeline.save_lora_weights` writes
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -79,8 +80,12 @@ def load_flux_pipeline(
     lora_path: str | os.PathLike | None = None,
     adapter_name: str = "reflection",
     config_key: str = "model.path",
+    lora_weight_name: str = LORA_WEIGHT_NAME,
 ):
-    """Load a `FluxPipeline` (optionally with a LoRA adapter) from a hub id, a local directory or `tiny`."""
+    """Load a `FluxPipeline` (optionally with a LoRA adapter) from a hub id, a local directory or `tiny`.
+
+    A LoRA given as a hub id is read from its `lora_weight_name` file: diffusers cannot guess the file
+    name offline (`HF_HUB_OFFLINE`), even when the repository is cached."""
     from diffusers import FluxPipeline
 
     if isinstance(dtype, str):
@@ -93,5 +98,6 @@ def load_flux_pipeline(
         raise ModelNotFoundError(f"cannot read FLUX pipeline at {resolved!r}: {err}; set {config_key}=...") from None
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
-        pipe.load_lora_weights(lora, adapter_name=adapter_name)
+        weight_name = lora_weight_name if not Path(lora).exists() else None
+        pipe.load_lora_weights(lora, weight_name=weight_name, adapter_name=adapter_name)
     return pipe.to(device)

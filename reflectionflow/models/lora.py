@@ -9,9 +9,13 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from reflectionflow.models.settings import CorrectorSettings
 
 ADAPTER_NAME = "reflection"
 
@@ -84,15 +88,19 @@ def lora_state_dict(transformer, adapter_name: str = ADAPTER_NAME) -> dict[str, 
 def save_lora(
     transformer,
     directory: str | os.PathLike,
+    settings: CorrectorSettings,
     adapter_name: str = ADAPTER_NAME,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the adapter in diffusers format (`FluxPipeline.load_lora_weights(directory)` reads it).
+    """Write the adapter in diffusers format (`FluxPipeline.load_lora_weights(directory)` reads it) and
+    the settings it was trained with (`reflectionflow.json`, read back when it is sampled).
 
     The peft config is saved as adapter metadata, so rank, alpha and targets survive a reload even when
     `alpha != rank`. `state_dict` lets distributed training pass an already-gathered full state.
     """
     from diffusers import FluxPipeline
+
+    from reflectionflow.models.settings import write
 
     directory = Path(directory)
     state_dict = lora_state_dict(transformer, adapter_name) if state_dict is None else state_dict
@@ -103,6 +111,7 @@ def save_lora(
         transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict(),
         safe_serialization=True,
     )
+    write(settings, directory)
     return directory
 
 

@@ -27,6 +27,7 @@ from reflectionflow.models.flow_matching import flow_matching_loss
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict
 from reflectionflow.models.optim import build_optimizers
 from reflectionflow.models.pipeline import encode_images, quiet_prompt_truncation
+from reflectionflow.models.settings import CorrectorSettings
 
 
 def shard_transformer(transformer, mesh) -> None:
@@ -176,6 +177,15 @@ class ReflectionTuningModule(L.LightningModule):
             self.log("train/grad_norm", norm, batch_size=1)
 
     # ---------------------------------------------------------------------------------------------------
+    def corrector_settings(self) -> CorrectorSettings:
+        """What sampling this corrector must repeat (saved beside its LoRA as `reflectionflow.json`)."""
+        hp = self.hparams
+        return CorrectorSettings(
+            base_model=str(hp.path), rank=hp.lora_rank, condition_size=hp.condition_size,
+            condition_position=hp.condition_position, attention=hp.attention, lora_on_target=hp.lora_on_target,
+            max_sequence_length=hp.max_sequence_length,
+        )
+
     def lora_state(self) -> dict[str, torch.Tensor]:
         """Full (gathered) LoRA weights, on every rank: works unsharded and under FSDP2."""
         state = lora_state_dict(self.transformer, ADAPTER_NAME)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from reflectionflow.config import check_option
 from reflectionflow.data.transforms import t5_text
+from reflectionflow.models import settings as corrector_settings
 from reflectionflow.models.corrector import (
     ATTENTION_MODES,
     CONDITION_POSITIONS,
@@ -31,7 +32,9 @@ from reflectionflow.models.corrector import (
     pack_latents,
     unpack_latents,
 )
+from reflectionflow.models.loading import LORA_WEIGHT_NAME
 from reflectionflow.models.lora import ADAPTER_NAME, lora_disabled, lora_layers
+from reflectionflow.models.settings import CorrectorSettings
 
 
 def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False):
@@ -103,6 +106,21 @@ class ReflectionFluxPipeline:
         self._text_cache_size = text_cache_size
 
     @classmethod
+    def with_settings(cls, flux, settings: CorrectorSettings, **kwargs) -> ReflectionFluxPipeline:
+        """The pipeline over `flux` for a corrector trained with `settings`. `kwargs`: the base model's T5
+        length (`max_sequence_length`, default the corrector's), `micro_batch`, `text_cache_size`."""
+        kwargs.setdefault("max_sequence_length", settings.max_sequence_length)
+        return cls(
+            flux,
+            attention=settings.attention,
+            lora_on_target=settings.lora_on_target,
+            condition_size=settings.condition_size,
+            condition_position=settings.condition_position,
+            corrector_max_sequence_length=settings.max_sequence_length,
+            **kwargs,
+        )
+
+    @classmethod
     def from_pretrained(
         cls,
         path: str,
@@ -110,12 +128,22 @@ class ReflectionFluxPipeline:
         *,
         dtype: torch.dtype | str = torch.float32,
         device: str = "cpu",
+        lora_weight_name: str = LORA_WEIGHT_NAME,
+        settings: CorrectorSettings | None = None,
         **kwargs,
     ) -> ReflectionFluxPipeline:
-        from reflectionflow.models.loading import load_flux_pipeline
+        """FLUX at `path` with the corrector LoRA at `lora_path` (a directory, weights file or hub id),
+        sampled with the `settings` it was trained with (default: those it carries, `models.settings`)."""
+        from reflectionflow.models.loading import load_flux_pipeline, resolve_lora_path
 
-        flux = load_flux_pipeline(path, dtype=dtype, device=device, lora_path=lora_path, adapter_name=ADAPTER_NAME)
-        return cls(flux, **kwargs)
+        if settings is None:
+            lora = None if lora_path is None else resolve_lora_path(lora_path, "lora_path")
+            settings = corrector_settings.resolve(lora, {})
+        flux = load_flux_pipeline(
+            path, dtype=dtype, device=device, lora_path=lora_path, adapter_name=ADAPTER_NAME,
+            lora_weight_name=lora_weight_name,
+        )
+        return cls.with_settings(flux, settings, **kwargs)
 
     # ---------------------------------------------------------------------------------------------------
     @property

@@ -40,10 +40,13 @@ class Usage:
 
 @dataclass
 class Budget:
-    """Spending of one prompt's search, or (summed with `add`) of a whole run."""
+    """Spending of one prompt's search, or (summed with `add`) of a whole run. `images` counts every image;
+    `base_images` (drawn by the base model) and `corrected_images` (the corrector's) split it."""
 
     images: int = 0
     nfe: int = 0
+    base_images: int = 0
+    corrected_images: int = 0
     verifier: Usage = field(default_factory=Usage)
     reflector: Usage = field(default_factory=Usage)
     refiner: Usage = field(default_factory=Usage)
@@ -68,6 +71,8 @@ class Budget:
     def add(self, other: Budget) -> None:
         self.images += other.images
         self.nfe += other.nfe
+        self.base_images += other.base_images
+        self.corrected_images += other.corrected_images
         for name in ROLES:
             self.role(name).add(other.role(name))
         for stage, seconds in other.seconds.items():
@@ -82,7 +87,12 @@ class Budget:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Budget:
-        budget = cls(images=data.get("images", 0), nfe=data.get("nfe", 0))
+        budget = cls(
+            images=data.get("images", 0),
+            nfe=data.get("nfe", 0),
+            base_images=data.get("base_images", 0),
+            corrected_images=data.get("corrected_images", 0),
+        )
         for name in ROLES:
             setattr(budget, name, Usage.from_dict(data.get(name, {})))
         budget.seconds.update(data.get("seconds", {}))

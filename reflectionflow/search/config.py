@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-STRATEGIES = ("chains", "zero_order")
+STRATEGIES = ("chains", "zero_order", "paper")
+NEIGHBOUR_COSINES = ("exact", "uniform")
 CORRECTOR_INPUTS = ("full", "no_reflection", "no_condition", "condition_only")
 
 
@@ -33,8 +34,10 @@ class Axes:
 class SearchConfig:
     """Width x depth search: `width` images per round, `depth` rounds after round 0.
 
-    strategy: `chains` (noise / prompt / reflection chains) or `zero_order` (tt-scale-flux: each round
-    samples `width` noises within cosine `min_cosine` of the best noise so far and moves to the best one).
+    strategy: `chains` (noise / prompt / reflection chains), `zero_order` (tt-scale-flux: each round
+    samples `width` noises around the best noise so far and moves to the best one) or `paper`
+    (ReflectionFlow's own script: `base_images` base images, the verifier's top `width` start `width`
+    reflection chains of `depth` corrected images each; the pick is over the corrected images).
     survivors: chains whose latest image is carried into the next round (None = all `width`); the other
     chains continue from the survivors, best first, so every round still makes `width` images.
     seed: base seed; each image's seed is a pure function of (seed, prompt index, chain, round).
@@ -51,6 +54,12 @@ class SearchConfig:
     runs at the largest, with `stop_score` each chain stops at its own first image reaching it, and the
     result of every budget is read off the candidates its own search would have made. Chain searches whose
     chains all survive only (then chains never interact, and a smaller budget's search is a prefix).
+    min_cosine, neighbour_cosine, restart (zero_order): neighbours lie at cosine similarity exactly
+    `min_cosine` to the pivot (`exact`, tt-scale-flux's `threshold`) or uniformly in [min_cosine, 1]
+    (`uniform`); with `restart`, a round whose neighbours do not beat the pivot is followed by a round of
+    `width` fresh noises whose best becomes the pivot (tt-scale-flux regenerates its base noise then).
+    base_images, final_pick_includes_base (paper): how many base images the reflection chains start
+    from (the paper's noise-scaling run: 16 rounds x 2 = 32), and whether they compete in the final pick.
     """
 
     width: int = 4
@@ -65,12 +74,18 @@ class SearchConfig:
     stop_score: float | None = None
     corrector_input: str = "full"
     budgets: tuple[int, ...] | None = None
+    neighbour_cosine: str = "exact"
+    restart: bool = True
+    base_images: int = 32
+    final_pick_includes_base: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.axes, Mapping):
             object.__setattr__(self, "axes", Axes(**self.axes))
         if self.budgets is not None:
             self._check_budgets()
+        if self.strategy == "paper":
+            self._check_paper()
         if self.budget is not None:
             width, depth = split_budget(self.budget, self.budget_width)
             object.__setattr__(self, "width", width)
@@ -92,6 +107,10 @@ class SearchConfig:
                 )
             if not 0.0 < self.min_cosine <= 1.0:
                 raise ValueError(f"search.min_cosine={self.min_cosine} must be in (0, 1]")
+            if self.neighbour_cosine not in NEIGHBOUR_COSINES:
+                raise ValueError(
+                    f"search.neighbour_cosine={self.neighbour_cosine!r}; expected one of {NEIGHBOUR_COSINES}"
+                )
         elif self.depth > 0 and not (self.axes.noise or self.axes.prompt or self.axes.reflection):
             raise ValueError(
                 "with every search.axes.* off, rounds after round 0 would repeat round 0; enable an axis"
@@ -134,6 +153,24 @@ class SearchConfig:
     def at_budget(self, budget: int) -> SearchConfig:
         """This preset as one search at `budget` images per prompt (one of `budgets`)."""
         return replace(self, budget=budget, budgets=None)
+    def _check_paper(self) -> None:
+        """What `strategy=paper` cannot combine with, each a one-line error naming the key."""
+        if not self.axes.reflection:
+            raise ValueError("search.strategy=paper corrects the top base images; set search.axes.reflection=true")
+        for key in ("budget", "survivors", "stop_score"):
+            if getattr(self, key) is not None:
+                raise ValueError(
+                    f"search.{key} does not apply to search.strategy=paper (set search.base_images, "
+                    "search.width and search.depth); use null"
+                )
+        if isinstance(self.base_images, bool) or not isinstance(self.base_images, int) or self.base_images < 1:
+            raise ValueError(f"search.base_images must be a positive int, got {self.base_images!r}")
+        if self.width > self.base_images or self.depth < 1:
+            raise ValueError(
+                f"search.strategy=paper keeps the top search.width={self.width} of search.base_images="
+                f"{self.base_images} and corrects them search.depth={self.depth} times: needs width <= "
+                "base_images and depth >= 1"
+            )
 
     @property
     def kept(self) -> int:
@@ -142,11 +179,11 @@ class SearchConfig:
 
     @property
     def reflects(self) -> bool:
-        return self.strategy == "chains" and self.axes.reflection
+        return self.strategy in ("chains", "paper") and self.axes.reflection
 
     @property
     def refines(self) -> bool:
-        return self.strategy == "chains" and self.axes.prompt
+        return self.strategy in ("chains", "paper") and self.axes.prompt
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,11 +214,20 @@ def split_budget(budget: int, budget_width: int | None = None) -> tuple[int, int
 
 
 def planned_cost(config: SearchConfig, nfe_per_image: int | None = None) -> dict[str, int]:
-    """Images, NFE and API calls one prompt's search spends under `config` (exact, without retries)."""
-    images = config.width * (config.depth + 1)
+    """Images (base and corrected), NFE and API calls one prompt's search spends under `config` (exact,
+    without retries)."""
     advised = config.kept * config.depth  # one reflection / refinement per surviving chain and later round
+    if config.strategy == "paper":
+        base = config.base_images
+        corrected = config.width * config.depth
+    else:
+        base = config.width if config.reflects else config.width * (config.depth + 1)
+        corrected = config.width * config.depth if config.reflects else 0
+    images = base + corrected
     cost = {
         "images": images,
+        "base_images": base,
+        "corrected_images": corrected,
         "verifier_calls": images,
         "reflector_calls": advised if config.reflects else 0,
         "refiner_calls": advised if config.refines else 0,

@@ -21,6 +21,8 @@ Strategies (`SearchConfig.strategy`; a new one is a `SearchStrategy` subclass an
                 image: the corrector regenerates the parent image from its reflection, or the base model
                 draws from the refined prompt, with a fresh noise (noise axis).
     zero_order  `ZeroOrderSearch`: tt-scale-flux's neighbourhood search around the best noise so far.
+    paper       `PaperSearch`: the paper's own script: many base images, reflection chains on the verifier's
+                top few, the answer picked among the corrected images.
 
 Concurrency: generation runs in a worker thread; the event loop verifies each image as soon as it exists
 and, when every chain survives anyway, reflects and refines right after its score arrives. API calls of
@@ -51,7 +53,7 @@ from reflectionflow.search.batching import GenerationQueue
 from reflectionflow.search.budget import Budget
 from reflectionflow.search.config import SearchConfig
 from reflectionflow.search.generator import GenerationRequest, GenerationResult, Generator
-from reflectionflow.search.noise import derive_seed, perturb_noise
+from reflectionflow.search.noise import derive_seed, noise_at_cosine, perturb_noise
 from reflectionflow.search.prompts import PromptItem
 from reflectionflow.search.reflectors import PromptRefiner, Reflector
 from reflectionflow.search.verifiers import Score, Verifier
@@ -184,13 +186,17 @@ class SearchStrategy(ABC):
         with self.budget.timed("total"):
             candidates = await self.run_rounds()
             # the first of equal scores: earliest round, then lowest chain
-            best = max(candidates, key=lambda c: c.score.rank)
+            best = max(self.selectable(candidates), key=lambda c: c.score.rank)
         stopped = self._reaches_stop_score(best.score)
         return PromptSearch(self.item, self.config, candidates, best, self.budget, stopped)
 
     @abstractmethod
     async def run_rounds(self) -> list[Candidate]:
         """Every candidate of the search, scored, in (round, chain) order."""
+
+    def selectable(self, candidates: list[Candidate]) -> list[Candidate]:
+        """The candidates the answer is picked from (all of them, unless a strategy says otherwise)."""
+        return candidates
 
     def _reaches_stop_score(self, score: Score) -> bool:
         return self.config.stop_score is not None and score.ok and score.value >= self.config.stop_score
@@ -238,6 +244,8 @@ class SearchStrategy(ABC):
             for index, result in enumerate(results):  # generators may skip the callback
                 start_scoring(index, result)
             self.budget.images += len(results)
+            self.budget.corrected_images += sum(request.condition is not None for request in requests)
+            self.budget.base_images += sum(request.condition is None for request in requests)
             self.budget.nfe += sum(result.nfe for result in results)
             scored = await asyncio.gather(*(scoring[i] for i in range(len(planned))))
         except BaseException:
@@ -343,7 +351,12 @@ class ChainSearch(SearchStrategy):
         if self.config.reflects:
             with self.budget.timed("reflect"):
                 answer = await self.engine.reflector.reflect(
-                    candidate.image, self.item.prompt, candidate.score, self.item.record
+                    candidate.image,
+                    self.item.prompt,
+                    candidate.score,
+                    self.item.record,
+                    image_prompt=candidate.prompt,
+                    image_reflection=candidate.reflection,
                 )
             self.budget.reflector.add(answer.usage)
             if answer.ok:
@@ -370,35 +383,92 @@ class ChainSearch(SearchStrategy):
 
 class ZeroOrderSearch(SearchStrategy):
     """tt-scale-flux's zero-order search: round 0 draws `width` noises; each later round samples `width`
-    noises within cosine `min_cosine` of the pivot (the best noise so far) and moves the pivot to the best
-    of them when it scores higher."""
+    neighbours of the pivot (the best noise so far) at cosine `min_cosine` (`neighbour_cosine`: exactly, as
+    tt-scale-flux, or uniformly in [min_cosine, 1]) and moves the pivot to the best of them when it scores
+    higher. With `restart` (tt-scale-flux's), a round whose neighbours do not beat the pivot is followed by
+    a round of `width` fresh noises, whose best becomes the pivot. tt-scale-flux also re-renders its pivot
+    in every round and restarts from one fresh noise and its neighbours; here the pivot keeps its score and
+    a restart round is `width` fresh noises, so every round makes `width` images."""
 
     async def run_rounds(self) -> list[Candidate]:
         cfg = self.config
-        planned = []
-        for chain in range(cfg.width):
-            seed = self._seed(chain, 0)
-            noise = self.engine.generator.initial_noise(seed)
-            planned.append(PlannedImage(chain, seed, None, ChainInputs(self.item.prompt), noise))
-        candidates, _ = await self._run_round(0, planned)
+        candidates, _ = await self._run_round(0, self._fresh_noises(0))
         pivot = max(candidates, key=lambda c: c.score.rank)
+        restarting = False
         for round_index in range(1, cfg.depth + 1):
             if self._reaches_stop_score(candidates[-1].score):
                 break
-            planned = []
-            for chain in range(cfg.width):
-                seed = self._seed(chain, round_index, stream="perturb")
+            planned = self._fresh_noises(round_index) if restarting else self._neighbours(round_index, pivot)
+            made, _ = await self._run_round(round_index, planned)
+            candidates += made
+            best = max(made, key=lambda c: c.score.rank)
+            if restarting or best.score.rank > pivot.score.rank:
+                pivot, restarting = best, False
+            else:
+                restarting = cfg.restart
+        return candidates
+
+    def _fresh_noises(self, round_index: int) -> list[PlannedImage]:
+        planned = []
+        for chain in range(self.config.width):
+            seed = self._seed(chain, round_index)
+            noise = self.engine.generator.initial_noise(seed)
+            planned.append(PlannedImage(chain, seed, None, ChainInputs(self.item.prompt), noise))
+        return planned
+
+    def _neighbours(self, round_index: int, pivot: Candidate) -> list[PlannedImage]:
+        cfg = self.config
+        planned = []
+        for chain in range(cfg.width):
+            seed = self._seed(chain, round_index, stream="perturb")
+            if cfg.neighbour_cosine == "exact":
+                noise = noise_at_cosine(pivot.noise, seed, cfg.min_cosine)
+            else:
                 noise = perturb_noise(pivot.noise, seed, cfg.min_cosine)
-                planned.append(PlannedImage(chain, seed, pivot, ChainInputs(self.item.prompt), noise))
-            neighbours, _ = await self._run_round(round_index, planned)
-            candidates += neighbours
-            best = max(neighbours, key=lambda c: c.score.rank)
-            if best.score.rank > pivot.score.rank:
-                pivot = best
+            planned.append(PlannedImage(chain, seed, pivot, ChainInputs(self.item.prompt), noise))
+        return planned
+
+
+class PaperSearch(ChainSearch):
+    """ReflectionFlow's own reflection search (its `tts/tts_reflectionflow.py`, started from the output of
+    `tts_t2i_noise_scaling.py`): round 0 makes `base_images` base images (the paper's 16 noise-scaling
+    rounds x 2 = 32), the verifier's top `width` (its `search_branch`, 2) start `width` chains, and each of
+    `depth` rounds corrects every chain's latest image from its reflection (and refined prompt) with a fresh
+    noise. The answer is picked among the corrected images (`final_pick_includes_base`: the base images
+    too). The paper's script verifies each round's images again before reflecting on them (a second,
+    temperature-1 verdict); here every image is verified once and that score is used throughout."""
+
+    def selectable(self, candidates: list[Candidate]) -> list[Candidate]:
+        if self.config.final_pick_includes_base:
+            return candidates
+        return [c for c in candidates if c.round > 0]
+
+    async def run_rounds(self) -> list[Candidate]:
+        cfg = self.config
+        prompt = self.item.prompt
+        planned = [PlannedImage(i, self._seed(i, 0), None, ChainInputs(prompt)) for i in range(cfg.base_images)]
+        candidates, _ = await self._run_round(0, planned)
+        parents = sorted(candidates, key=lambda c: c.score.rank, reverse=True)[: cfg.width]  # ties: lower chain
+        found = await asyncio.gather(*(self._reflect_and_refine(parent) for parent in parents))
+        inputs = dict(enumerate(found))
+        for round_index in range(1, cfg.depth + 1):
+            planned = [
+                PlannedImage(chain, self._seed(chain, round_index), parent, inputs[chain])
+                for chain, parent in enumerate(parents)
+            ]
+            last_round = round_index == cfg.depth
+            parents, inputs = await self._run_round(
+                round_index, planned, None if last_round else self._reflect_and_refine
+            )
+            candidates += parents
         return candidates
 
 
-STRATEGY_CLASSES: dict[str, type[SearchStrategy]] = {"chains": ChainSearch, "zero_order": ZeroOrderSearch}
+STRATEGY_CLASSES: dict[str, type[SearchStrategy]] = {
+    "chains": ChainSearch,
+    "zero_order": ZeroOrderSearch,
+    "paper": PaperSearch,
+}
 
 
 class SearchEngine:

@@ -8,6 +8,7 @@ image i while image i+1's micro-batch is still denoising.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reflectionflow.models.loading import LORA_WEIGHT_NAME
+
+log = logging.getLogger(__name__)
 ResultCallback = Callable[[int, "GenerationResult"], None]
 
 
@@ -53,6 +57,36 @@ class Generator(Protocol):
     ) -> list[GenerationResult]:
         """Make one image per request, in order; call `on_result(i, result)` as each one is ready."""
         ...
+
+
+def corrector_settings_of(
+    lora_path: str | None,
+    *,
+    attention: str | None,
+    lora_on_target: bool | None,
+    condition_size: int | None,
+    condition_position: str | None,
+    max_sequence_length: int | None,
+):
+    """The corrector settings `FluxGenerator` samples `lora_path` with: the LoRA's (`models.settings`),
+    with the generator's explicit values (None = not set) checked against them; every bad value fails
+    before loading."""
+    from reflectionflow.config import check_option
+    from reflectionflow.models import settings as corrector_settings
+    from reflectionflow.models.corrector import ATTENTION_MODES, CONDITION_POSITIONS
+    from reflectionflow.models.loading import resolve_lora_path
+
+    if condition_position is not None:
+        check_option("generator.condition_position", condition_position, CONDITION_POSITIONS)
+    if attention is not None:
+        check_option("generator.attention", attention, ATTENTION_MODES)
+    explicit = dict(attention=attention, lora_on_target=lora_on_target, condition_size=condition_size,
+                    condition_position=condition_position, max_sequence_length=max_sequence_length)
+    if lora_path is not None:
+        lora_path = resolve_lora_path(lora_path, "generator.lora_path")
+    keys = {name: f"generator.{name}" for name in explicit}
+    keys["max_sequence_length"] = "generator.corrector_max_sequence_length"
+    return corrector_settings.resolve(lora_path, explicit, keys)
 
 
 def _micro_batches(count: int, size: int) -> list[range]:
@@ -113,12 +147,15 @@ class FluxGenerator:
     the corrector (base + reflection LoRA, flawed image as condition) for the others.
 
     A thin adapter: it only turns requests into the pipeline's batched calls, one micro-batch at a time so
-    the engine can score finished images while the next micro-batch denoises.
+    the engine can score finished images while the next micro-batch denoises. The corrector's sampling
+    settings (`attention`, `lora_on_target`, `condition_size`, `condition_position`,
+    `corrector_max_sequence_length`) and the base model default to those the LoRA carries
+    (`models.settings`); None = take the LoRA's, a value that contradicts them fails before loading.
     """
 
     def __init__(
         self,
-        model_path: str = "tiny",
+        model_path: str | None = None,
         lora_path: str | None = None,
         dtype: str = "float32",
         device: str = "cpu",
@@ -127,33 +164,42 @@ class FluxGenerator:
         num_inference_steps: int = 28,
         guidance_scale: float = 3.5,
         true_cfg_scale: float = 1.0,
-        attention: str = "union",
-        lora_on_target: bool = False,
-        condition_size: int = 512,
-        condition_position: str = "beside",
+        attention: str | None = None,
+        lora_on_target: bool | None = None,
+        condition_size: int | None = None,
+        condition_position: str | None = None,
         micro_batch: int = 4,
         max_sequence_length: int = 512,
         corrector_max_sequence_length: int | None = None,
+        lora_weight_name: str = LORA_WEIGHT_NAME,
     ):
-        from reflectionflow.config import check_option
-        from reflectionflow.models.corrector import CONDITION_POSITIONS
         from reflectionflow.models.pipeline import ReflectionFluxPipeline
 
         if micro_batch < 1:
             raise ValueError(f"generator.micro_batch must be >= 1, got {micro_batch}")
-        check_option("generator.condition_position", condition_position, CONDITION_POSITIONS)  # before loading
+        settings = corrector_settings_of(
+            lora_path,
+            attention=attention,
+            lora_on_target=lora_on_target,
+            condition_size=condition_size,
+            condition_position=condition_position,
+            # without a LoRA the (untrained) corrector reads the base model's T5 length
+            max_sequence_length=corrector_max_sequence_length or (None if lora_path else max_sequence_length),
+        )
+        if model_path is None:
+            model_path = settings.base_model
+        elif lora_path is not None and model_path != settings.base_model:
+            log.warning("the corrector LoRA %s was trained on %s; sampling it on generator.model_path=%s",
+                        lora_path, settings.base_model, model_path)
         self.pipeline = ReflectionFluxPipeline.from_pretrained(
             model_path,
             lora_path,
             dtype=dtype,
             device=device,
-            attention=attention,
-            lora_on_target=lora_on_target,
-            condition_size=condition_size,
-            condition_position=condition_position,
+            lora_weight_name=lora_weight_name,
+            settings=settings,
             micro_batch=micro_batch,
             max_sequence_length=max_sequence_length,
-            corrector_max_sequence_length=corrector_max_sequence_length,
         )
         self.height, self.width = height, width
         self.num_inference_steps = num_inference_steps

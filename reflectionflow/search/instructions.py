@@ -1,9 +1,14 @@
-"""The texts we send to multimodal models: verifier aspects chosen by GenEval tag, reflector and refiner
-instructions, and how an evaluation is described to the reflector."""
+"""The texts we send to multimodal models: verifier aspects chosen by GenEval tag, the paper's per-tag
+verifier rubric, reflector and refiner message templates, and how an evaluation is described to them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from typing import Any
 
 ASPECTS: dict[str, str] = {
@@ -35,12 +40,16 @@ VERIFIER_SYSTEM = (
     "(perfect). Answer with a single JSON object and nothing else."
 )
 
+NO_CHANGE = "No change needed."
+"""What a reflector answers when the image already matches its prompt (accepted as is, never retried)."""
+
 REFLECTOR_SYSTEM = (
-    "You review images made by a text-to-image model. Given the prompt, the image and an evaluation of the "
-    "image, write a reflection: a few short imperative instructions that would turn this image into one that "
-    "matches the prompt exactly, for example 'Change the car's colour to red.', 'Add a second dog on the "
-    "left.', 'Move the cup above the book.', 'Remove the extra chair.'. Mention only what must change, most "
-    "important first, at most four instructions. Answer with the instructions only."
+    "You review images made by a text-to-image model. Given the prompt, the image, the prompt and reflection "
+    "the image was made from, and an evaluation of the image, write a reflection: a few short imperative "
+    "instructions that would turn this image into one that matches the prompt exactly, for example 'Change "
+    "the car's colour to red.', 'Add a second dog on the left.', 'Move the cup above the book.', 'Remove the "
+    "extra chair.'. Mention only what must change, most important first, at most four instructions. Answer "
+    f"with the instructions only; if the image already matches the prompt exactly, answer '{NO_CHANGE}'"
 )
 
 REFINER_SYSTEM = (
@@ -90,12 +99,16 @@ def verifier_request(prompt: str, meta: Mapping[str, Any], *, structured: bool) 
     return "\n".join(lines)
 
 
-def verifier_schema(aspects: tuple[str, ...]) -> dict[str, Any]:
-    """Strict JSON schema (OpenAI structured outputs): explanation before score, per aspect."""
+def verifier_schema(
+    aspects: tuple[str, ...], order: tuple[str, str] = ("explanation", "score")
+) -> dict[str, Any]:
+    """Strict JSON schema (OpenAI structured outputs): per aspect an explanation and an integer score, in
+    `order` (ours: explain, then score; the paper's pydantic model: score, then explanation)."""
+    kinds = {"explanation": {"type": "string"}, "score": {"type": "integer"}}
     rating = {
         "type": "object",
-        "properties": {"explanation": {"type": "string"}, "score": {"type": "integer"}},
-        "required": ["explanation", "score"],
+        "properties": {name: kinds[name] for name in order},
+        "required": list(order),
         "additionalProperties": False,
     }
     return {
@@ -119,13 +132,101 @@ def describe_evaluation(details: Mapping[str, Any] | None, value: float | None) 
     return f"Overall match score: {value:.2f} (0 = no match, 1 = perfect)."
 
 
-def reflector_request(prompt: str, evaluation: str) -> str:
-    return f'Prompt: "{prompt}"\nEvaluation of the image:\n{evaluation}\nWrite the reflection.'
+def evaluation_json(details: Mapping[str, Any] | None, value: float | None) -> str:
+    """An evaluation as the paper hands it to its reflector and refiner: the verifier's answer as JSON
+    (`{aspect: {score, explanation}}`), or the score details of a verifier without aspects."""
+    if not details and value is None:
+        return "{}"
+    aspects = (details or {}).get("aspects")
+    return json.dumps(aspects if aspects else {**(details or {}), "value": value})
 
 
-def refiner_request(goal: str, current: str, evaluation: str, reflection: str | None) -> str:
-    fix = reflection or "(none given)"
-    return (
-        f'Goal prompt: "{goal}"\nPrompt that produced the image: "{current}"\n'
-        f"Evaluation of the image:\n{evaluation}\nInstructions for fixing it: {fix}\nWrite the new prompt."
+# --- message templates ----------------------------------------------------------------------------------
+IMAGE = "<image>"
+"""Marks the image's place among a template's content parts; every other part is a text part."""
+
+REFLECTOR_FIELDS = ("prompt", "image_prompt", "image_reflection", "evaluation")
+"""What a reflector template can use: the original prompt, the prompt and reflection the image was made
+from (the reflection is "(none)" for a base-model image), the verifier's evaluation of the image."""
+REFINER_FIELDS = ("goal", "prompt", "reflection", "evaluation")
+"""What a refiner template can use: the original (goal) prompt, the prompt that produced the image, the
+reflection just written on it ("(none)" without one), the verifier's evaluation."""
+
+REFLECTOR_CONTENT = (
+    'Prompt: "{prompt}"\nThe image was generated from: "{image_prompt}"\nReflection it was corrected '
+    "with: {image_reflection}\nEvaluation of the image:\n{evaluation}\nWrite the reflection.",
+    IMAGE,
+)
+REFINER_CONTENT = (
+    'Goal prompt: "{goal}"\nPrompt that produced the image: "{prompt}"\nEvaluation of the image:\n'
+    "{evaluation}\nInstructions for fixing it: {reflection}\nWrite the new prompt.",
+    IMAGE,
+)
+
+
+@dataclass(frozen=True)
+class MessageTemplate:
+    """A chat request about one image: the system text and the user content parts in order, text parts
+    with `{field}` placeholders from `fields` and the image where `IMAGE` stands (exactly once)."""
+
+    system: str
+    content: tuple[str, ...]
+    fields: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if list(self.content).count(IMAGE) != 1:
+            raise ValueError(f"a message template needs {IMAGE!r} exactly once among its content parts")
+        for part in (self.system, *self.content):
+            for _, name, _, _ in string.Formatter().parse(part):
+                if name is not None and name not in self.fields:
+                    raise ValueError(f"unknown placeholder {{{name}}} in a message template; use {self.fields}")
+
+    def messages(self, image_part: dict[str, Any], **context: str) -> list[dict[str, Any]]:
+        content = [
+            image_part if part == IMAGE else {"type": "text", "text": part.format(**context)}
+            for part in self.content
+        ]
+        return [
+            {"role": "system", "content": self.system.format(**context)},
+            {"role": "user", "content": content},
+        ]
+
+
+def message_template(
+    system: str | None, content: Sequence[str] | None, default_system: str, default_content: tuple[str, ...],
+    fields: tuple[str, ...],
+) -> MessageTemplate:
+    """A configured template; None parts take the built-in ones."""
+    return MessageTemplate(
+        default_system if system is None else system,
+        default_content if content is None else tuple(content),
+        fields,
     )
+
+
+# --- the paper's GenEval verifier rubric -----------------------------------------------------------------
+@cache
+def paper_rubrics() -> dict[str, Any]:
+    """`reflectionflow/assets/paper_verifier_rubrics.json`: per GenEval tag the paper's three aspects."""
+    return json.loads(resources.files("reflectionflow.assets").joinpath("paper_verifier_rubrics.json").read_text())
+
+
+PAPER_OVERALL = "overall_score"
+
+
+def paper_verifier_aspects(tag: str) -> tuple[str, ...] | None:
+    """The paper's aspects for a GenEval tag, `overall_score` last (None: a tag the rubric has no entry for)."""
+    aspects = paper_rubrics()["tags"].get(tag)
+    return None if aspects is None else (*aspects, PAPER_OVERALL)
+
+
+def paper_verifier_system(tag: str) -> str:
+    """The system message of the paper's verifier for a GenEval tag: the task, the answer's keys, each
+    aspect's criterion and scale, then the overall score."""
+    rubric = paper_rubrics()
+    aspects = paper_verifier_aspects(tag)
+    keys = ", ".join(f"`{name}`" for name in aspects)
+    lines = [rubric["intro"].format(keys=keys), ""]
+    lines += [f"{name}: {text}" for name, text in rubric["tags"][tag].items()]
+    lines.append(rubric["overall"])
+    return "\n".join(lines)

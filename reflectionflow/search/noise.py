@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 
@@ -15,12 +16,11 @@ def derive_seed(
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def perturb_noise(noise: torch.Tensor, seed: int, min_cosine: float) -> torch.Tensor:
-    """A random noise of the same norm whose cosine similarity to `noise` is uniform in [min_cosine, 1].
-
-    Zero-order search explores this neighbourhood of its current best noise: a random direction
-    orthogonal to `noise` is mixed in at a random angle, keeping the norm a Gaussian sample would have.
-    """
+def _neighbour(
+    noise: torch.Tensor, seed: int, draw_cosine: Callable[[torch.Generator], float | torch.Tensor]
+) -> torch.Tensor:
+    """`noise` turned towards a random direction orthogonal to it, to the cosine similarity `draw_cosine`
+    gives (drawn after the direction, from the same generator), keeping its norm."""
     generator = torch.Generator().manual_seed(seed)
     flat = noise.flatten().double()
     norm = flat.norm()
@@ -28,6 +28,21 @@ def perturb_noise(noise: torch.Tensor, seed: int, min_cosine: float) -> torch.Te
     direction = torch.randn(flat.shape, generator=generator, dtype=torch.float64)
     direction = direction - (direction @ unit) * unit
     direction = direction / direction.norm().clamp_min(1e-12)
-    cosine = min_cosine + (1.0 - min_cosine) * torch.rand((), generator=generator, dtype=torch.float64)
+    cosine = torch.as_tensor(draw_cosine(generator), dtype=torch.float64)
     mixed = cosine * unit + (1.0 - cosine**2).sqrt() * direction
     return (mixed * norm).reshape(noise.shape).to(noise.dtype)
+
+
+def perturb_noise(noise: torch.Tensor, seed: int, min_cosine: float) -> torch.Tensor:
+    """A random noise of the same norm whose cosine similarity to `noise` is uniform in [min_cosine, 1]:
+    a random direction orthogonal to `noise` is mixed in at a random angle, keeping the norm a Gaussian
+    sample would have."""
+    return _neighbour(
+        noise, seed, lambda g: min_cosine + (1.0 - min_cosine) * torch.rand((), generator=g, dtype=torch.float64)
+    )
+
+
+def noise_at_cosine(noise: torch.Tensor, seed: int, cosine: float) -> torch.Tensor:
+    """A random noise of the same norm at cosine similarity exactly `cosine` to `noise`: tt-scale-flux's
+    zero-order neighbours (its `generate_neighbors(x, threshold)`)."""
+    return _neighbour(noise, seed, lambda g: cosine)

@@ -16,11 +16,16 @@ from PIL import Image
 from reflectionflow.search.budget import Usage
 from reflectionflow.search.chat import ChatAnswer, OpenAIChat
 from reflectionflow.search.instructions import (
+    NO_CHANGE,
+    REFINER_CONTENT,
+    REFINER_FIELDS,
     REFINER_SYSTEM,
+    REFLECTOR_CONTENT,
+    REFLECTOR_FIELDS,
     REFLECTOR_SYSTEM,
     describe_evaluation,
-    refiner_request,
-    reflector_request,
+    evaluation_json,
+    message_template,
 )
 from reflectionflow.search.verifiers import Score
 
@@ -42,8 +47,18 @@ class TextAnswer:
 
 class Reflector(Protocol):
     async def reflect(
-        self, image: Image.Image, prompt: str, evaluation: Score, meta: Mapping[str, Any]
-    ) -> TextAnswer: ...
+        self,
+        image: Image.Image,
+        prompt: str,
+        evaluation: Score,
+        meta: Mapping[str, Any],
+        *,
+        image_prompt: str | None = None,
+        image_reflection: str | None = None,
+    ) -> TextAnswer:
+        """Edit instructions for `image` against the original `prompt`; `image_prompt` / `image_reflection`:
+        the prompt and reflection the image was made from (None: unknown, or a base-model image)."""
+        ...
 
 
 class PromptRefiner(Protocol):
@@ -66,11 +81,16 @@ def _strip_quotes(text: str) -> str:
     return text
 
 
+def _is_no_change(text: str) -> bool:
+    return text.strip().strip(".!").lower() == NO_CHANGE.strip(".").lower()
+
+
 def parse_reflection(text: str) -> str:
+    """The reflection without surrounding quotes; an explicit "no change needed" is `NO_CHANGE`."""
     reflection = _strip_quotes(text)
     if not reflection:
         raise ValueError("empty reflection")
-    return reflection
+    return NO_CHANGE if _is_no_change(reflection) else reflection
 
 
 def parse_prompt(text: str) -> str:
@@ -85,39 +105,93 @@ def parse_prompt(text: str) -> str:
     return prompt
 
 
-def _evaluation_text(evaluation: Score) -> str:
-    return (
-        describe_evaluation(evaluation.details, evaluation.value)
-        if evaluation.ok
-        else "No evaluation is available."
-    )
+def parse_whole_prompt(text: str) -> str:
+    """The whole answer as the prompt (the paper's refiner uses its answer verbatim), quotes stripped."""
+    prompt = _strip_quotes(text)
+    if not prompt:
+        raise ValueError("empty prompt")
+    return prompt
 
 
-async def _ask_about_image(chat: OpenAIChat, system: str, text: str, image: Image.Image, parse) -> TextAnswer:
-    messages = [
-        {"role": "system", "content": system},
-        {"role": "user", "content": [{"type": "text", "text": text}, chat.image(image)]},
-    ]
-    return TextAnswer.from_chat(await chat.ask(messages, parse))
+PROMPT_PARSERS = {"first_line": parse_prompt, "whole": parse_whole_prompt}
+EVALUATION_FORMATS = ("text", "json")
+
+
+def _evaluation(evaluation: Score, form: str) -> str:
+    """The verifier's verdict as the reflector / refiner reads it: `text` (per-aspect lines) or `json` (the
+    verifier's answer, as the paper passes it)."""
+    if not evaluation.ok:
+        return "No evaluation is available."
+    if form == "json":
+        return evaluation_json(evaluation.details, evaluation.value)
+    return describe_evaluation(evaluation.details, evaluation.value)
+
+
+def _check(key: str, value: str, options) -> None:
+    if value not in options:
+        raise ValueError(f"{key}={value!r}; expected one of {tuple(options)}")
 
 
 class OpenAIReflector:
-    def __init__(self, chat: OpenAIChat):
+    """Reflections from a chat model, in a configurable message layout (`system`, `content`: text parts with
+    `{prompt}`, `{image_prompt}`, `{image_reflection}`, `{evaluation}` and the image's place; None = ours).
+    `reflector=reflection_generator` replays the format the paper's fine-tuned reflection model was trained
+    on; our default also shows the prompt and reflection that produced the image and the evaluation."""
+
+    def __init__(
+        self,
+        chat: OpenAIChat,
+        system: str | None = None,
+        content: list[str] | None = None,
+        evaluation: str = "text",
+    ):
+        _check("reflector.evaluation", evaluation, EVALUATION_FORMATS)
         self.chat = chat
+        self.template = message_template(system, content, REFLECTOR_SYSTEM, REFLECTOR_CONTENT, REFLECTOR_FIELDS)
+        self.evaluation = evaluation
 
     async def reflect(
-        self, image: Image.Image, prompt: str, evaluation: Score, meta: Mapping[str, Any]
+        self,
+        image: Image.Image,
+        prompt: str,
+        evaluation: Score,
+        meta: Mapping[str, Any],
+        *,
+        image_prompt: str | None = None,
+        image_reflection: str | None = None,
     ) -> TextAnswer:
-        text = reflector_request(prompt, _evaluation_text(evaluation))
-        return await _ask_about_image(self.chat, REFLECTOR_SYSTEM, text, image, parse_reflection)
+        messages = self.template.messages(
+            self.chat.image(image),
+            prompt=prompt,
+            image_prompt=image_prompt or prompt,
+            image_reflection=image_reflection or "(none)",
+            evaluation=_evaluation(evaluation, self.evaluation),
+        )
+        return TextAnswer.from_chat(await self.chat.ask(messages, parse_reflection))
 
     async def aclose(self) -> None:
         await self.chat.aclose()
 
 
 class OpenAIPromptRefiner:
-    def __init__(self, chat: OpenAIChat):
+    """Prompt refinement by a chat model, in a configurable message layout (`system`, `content`: text parts
+    with `{goal}`, `{prompt}`, `{reflection}`, `{evaluation}` and the image's place; None = ours); `answer`:
+    `first_line` (ours: one prompt line) or `whole` (the paper's: the answer verbatim)."""
+
+    def __init__(
+        self,
+        chat: OpenAIChat,
+        system: str | None = None,
+        content: list[str] | None = None,
+        evaluation: str = "text",
+        answer: str = "first_line",
+    ):
+        _check("refiner.evaluation", evaluation, EVALUATION_FORMATS)
+        _check("refiner.answer", answer, PROMPT_PARSERS)
         self.chat = chat
+        self.template = message_template(system, content, REFINER_SYSTEM, REFINER_CONTENT, REFINER_FIELDS)
+        self.evaluation = evaluation
+        self.parse = PROMPT_PARSERS[answer]
 
     async def refine(
         self,
@@ -129,8 +203,14 @@ class OpenAIPromptRefiner:
         goal: str,
         meta: Mapping[str, Any],
     ) -> TextAnswer:
-        text = refiner_request(goal, prompt, _evaluation_text(evaluation), reflection)
-        return await _ask_about_image(self.chat, REFINER_SYSTEM, text, image, parse_prompt)
+        messages = self.template.messages(
+            self.chat.image(image),
+            goal=goal,
+            prompt=prompt,
+            reflection=reflection or "(none)",
+            evaluation=_evaluation(evaluation, self.evaluation),
+        )
+        return TextAnswer.from_chat(await self.chat.ask(messages, self.parse))
 
     async def aclose(self) -> None:
         await self.chat.aclose()
@@ -140,7 +220,14 @@ class DeterministicReflector:
     """A fixed-form reflection that depends on the score, so different images get different reflections."""
 
     async def reflect(
-        self, image: Image.Image, prompt: str, evaluation: Score, meta: Mapping[str, Any]
+        self,
+        image: Image.Image,
+        prompt: str,
+        evaluation: Score,
+        meta: Mapping[str, Any],
+        *,
+        image_prompt: str | None = None,
+        image_reflection: str | None = None,
     ) -> TextAnswer:
         text = f"Fix what keeps the image from matching the prompt (score {evaluation.value:.3f}). Keep the rest."
         return TextAnswer(text, usage=Usage(calls=1, attempts=1))

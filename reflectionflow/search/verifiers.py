@@ -1,8 +1,10 @@
 """Verifiers: `await verifier.score(images, prompt, meta) -> list[Score]`, higher `value` = better match.
 
 Backends: `OpenAIVerifier` (any OpenAI-compatible chat API with images; per-aspect JSON ratings chosen by
-the GenEval tag in `meta`), `reflectionflow.search.vlm.VLMVerifier` (P("yes") of a local
-vision-language model) and `DeterministicVerifier` (tests, benchmarks).
+the GenEval tag in `meta`), `PaperRubricVerifier` (the paper's GPT-4o verifier: its per-tag rubric, ranked
+by `overall_score`), `reflectionflow.search.vlm.VLMVerifier` (P("yes") of a local vision-language model),
+`reflectionflow.search.nvila.RemoteCodeYesNoVerifier` (NVILA-style remote-code yes/no verifiers) and
+`DeterministicVerifier` (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ from PIL import Image
 
 from reflectionflow.search.budget import Usage
 from reflectionflow.search.chat import OpenAIChat
-from reflectionflow.search.instructions import VERIFIER_SYSTEM, aspects_for, verifier_request, verifier_schema
+from reflectionflow.search.errors import SetupError
+from reflectionflow.search.instructions import (
+    PAPER_OVERALL,
+    VERIFIER_SYSTEM,
+    aspects_for,
+    paper_rubrics,
+    paper_verifier_aspects,
+    paper_verifier_system,
+    verifier_request,
+    verifier_schema,
+)
 
 
 @dataclass
@@ -115,6 +127,47 @@ class OpenAIVerifier:
         ratings = answer.value
         value = sum(r["score"] for r in ratings.values()) / (10 * len(ratings))
         return Score(value, {"aspects": ratings}, usage=answer.usage)
+
+    async def aclose(self) -> None:
+        await self.chat.aclose()
+
+
+class PaperRubricVerifier:
+    """ReflectionFlow's GPT-4o verifier for GenEval prompts (`tts/verifiers/openai_verifier.py` with
+    `geneval_detailed_verifier_prompt.json`): the system message is the rubric of the prompt's GenEval tag
+    (three aspects and `overall_score`, each 0-10; `reflectionflow/assets/paper_verifier_rubrics.json`), the
+    user message the bare prompt then the image, the answer `{aspect: {score, explanation}}` through a strict
+    JSON schema (score first, as the paper's pydantic model), and value = overall_score / 10. Model and
+    temperature are the chat's (`verifier=openai_paper`: gpt-4o-2024-11-20 at temperature 1)."""
+
+    def __init__(self, chat: OpenAIChat):
+        self.chat = chat
+
+    async def score(self, images: Sequence[Image.Image], prompt: str, meta: Mapping[str, Any]) -> list[Score]:
+        return list(await asyncio.gather(*(self._score(image, prompt, meta) for image in images)))
+
+    async def _score(self, image: Image.Image, prompt: str, meta: Mapping[str, Any]) -> Score:
+        tag = str(meta.get("tag"))
+        aspects = paper_verifier_aspects(tag)
+        if aspects is None:
+            raise SetupError(
+                f"verifier=openai_paper rates GenEval prompts by tag; {prompt!r} has tag {meta.get('tag')!r}, "
+                f"not one of {sorted(paper_rubrics()['tags'])}; use verifier=openai for other prompts"
+            )
+        messages = [
+            {"role": "system", "content": paper_verifier_system(tag)},
+            {"role": "user", "content": [{"type": "text", "text": prompt}, self.chat.image(image)]},
+        ]
+        schema = verifier_schema(aspects, order=("score", "explanation"))
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": f"grading_{tag}", "schema": schema, "strict": True},
+        }
+        answer = await self.chat.ask(messages, partial(parse_ratings, aspects=aspects), response_format)
+        if not answer.ok:
+            return Score(0.0, ok=False, raw=answer.raw, error=answer.error, usage=answer.usage)
+        ratings = answer.value
+        return Score(ratings[PAPER_OVERALL]["score"] / 10, {"aspects": ratings}, usage=answer.usage)
 
     async def aclose(self) -> None:
         await self.chat.aclose()

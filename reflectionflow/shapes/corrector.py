@@ -103,14 +103,10 @@ class ShapesCorrectorModule(ReflectionTuningModule):
     def export(self, path: Path) -> None:
         hp = self.hparams
         path.mkdir(parents=True, exist_ok=True)
-        save_lora(self.transformer, path / "lora", state_dict=self.lora_state())
+        save_lora(self.transformer, path / "lora", self.corrector_settings(), state_dict=self.lora_state())
         self.pipe.to("cpu")
         self.transformer.eval()
-        pipe = ReflectionFluxPipeline(
-            self.pipe, attention=hp.attention, lora_on_target=hp.lora_on_target,
-            condition_size=hp.condition_size, condition_position=hp.condition_position,
-            max_sequence_length=hp.max_sequence_length, micro_batch=48,
-        )
+        pipe = ReflectionFluxPipeline.with_settings(self.pipe, self.corrector_settings(), micro_batch=48)
         cases = heldout_flawed_cases(hp.eval_per_category, hp.image_size, hp.seed)
         metrics: dict[str, Any] = corrector_fix_rates(
             pipe, cases, image_size=hp.image_size, num_inference_steps=hp.eval_steps,

@@ -65,7 +65,14 @@ class ShapesReflector:
         self.seed = seed
 
     async def reflect(
-        self, image: Image.Image, prompt: str, evaluation: Score, meta: Mapping[str, Any]
+        self,
+        image: Image.Image,
+        prompt: str,
+        evaluation: Score,
+        meta: Mapping[str, Any],
+        *,
+        image_prompt: str | None = None,
+        image_reflection: str | None = None,
     ) -> TextAnswer:
         digest = hashlib.blake2b(f"{self.seed}\0{prompt}\0".encode() + image.tobytes(), digest_size=8)
         rng = np.random.default_rng(int.from_bytes(digest.digest(), "little"))
