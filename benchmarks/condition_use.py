@@ -121,9 +121,9 @@ def main() -> None:
 
     pipe = ReflectionFluxPipeline.with_settings(flux, settings, micro_batch=48)
     fix_cases = heldout_flawed_cases(args.fix_cases, size, seed=0)
-    fixes = corrector_fix_rates(pipe, fix_cases, image_size=size, num_inference_steps=cfg.eval_steps,
-                                true_cfg_scale=cfg.eval_true_cfg_scale, seed=0)
-    fresh = sample_accuracy(flux, args.fix_cases, size, cfg.eval_steps, cfg.eval_true_cfg_scale,
+    fixes, _ = corrector_fix_rates(pipe, fix_cases, image_size=size, num_inference_steps=cfg.eval_steps,
+                                   true_cfg_scale=cfg.eval_true_cfg_scale, seed=0)
+    fresh, _ = sample_accuracy(flux, args.fix_cases, size, cfg.eval_steps, cfg.eval_true_cfg_scale,
                             compose("train", ["experiment=shapes_corrector"]).data.sample_max_sequence_length)
     groups = [g for g in (*EDIT_TYPES, "1 edit", "2+ edits") if g in fixes["full"]["per_edit_type"]
               or g in fixes["full"]["per_edit_count"]]

@@ -110,6 +110,7 @@ def test_metrics_hold_the_four_ablations_and_the_base_model(corrector_run):
         assert set(metrics[name]["per_edit_count"]) <= {"1 edit", "2+ edits"}
         assert set(metrics[name]["per_edit_type"]) <= set(EDIT_TYPES) and metrics[name]["per_edit_type"]
     assert metrics["already_correct"] == 0.0  # flawed renders fail the checker by construction
+    assert (product / "corrections.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     base = metrics["base_model"]
     assert base["accuracy"] == pytest.approx(sum(base["per_tag"].values()) / 6) and metrics["global_step"] == 2
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from helpers.cli import run_cli as run_app
 
 from reflectionflow.models.flow_matching import flow_matching_loss
@@ -83,6 +84,8 @@ def test_vae_recipe_writes_an_8x_16_channel_vae_with_checker_metrics(vae_product
     metrics = json.loads((product / "metrics.json").read_text())
     per_tag = metrics["per_tag"]  # one scene per category (eval_per_category=1)
     assert len(per_tag) == 6 and metrics["accuracy"] == pytest.approx(sum(per_tag.values()) / 6)
+    with Image.open(product / "reconstructions.png") as sheet:  # a row per category: input | round trip
+        assert sheet.height > 6 * 144 and sheet.width > 2 * 144
 
 
 def test_a_new_recipe_version_keys_a_new_product(monkeypatch, compose_config):
@@ -121,6 +124,8 @@ def test_base_recipe_saves_a_flux_pipeline_the_project_loads(products, tmp_path)
     metrics = json.loads((product / "metrics.json").read_text())
     assert metrics["accuracy"] == pytest.approx(sum(metrics["per_tag"].values()) / 6)
     assert metrics["global_step"] == 2
+    with Image.open(product / "samples.png") as sheet:  # a row per category, samples with their verdicts
+        assert sheet.height > 6 * 144
 
 
 def test_a_pool_stream_reshuffles_the_same_keyed_examples_every_epoch():

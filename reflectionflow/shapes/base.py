@@ -25,7 +25,7 @@ from reflectionflow.models.flow_matching import flow_matching_loss
 from reflectionflow.models.optim import build_optimizers
 from reflectionflow.models.pipeline import ReflectionFluxPipeline, encode_images, quiet_prompt_truncation
 from reflectionflow.models.tiny import clip_text_encoder, flux_dev_scheduler
-from reflectionflow.shapes.evaluation import accuracy_by_category
+from reflectionflow.shapes.evaluation import Judged, accuracy_by_category, judge, verdict_sheet
 from reflectionflow.shapes.text import load_text_encoder
 from reflectionflow.shapes.world import heldout_eval_set
 
@@ -70,8 +70,9 @@ def sample_accuracy(
     max_sequence_length: int,
     seed: int = 0,
     batch: int = 32,
-) -> dict[str, Any]:
-    """Single-sample checker accuracy on the held-out prompts through `ReflectionFluxPipeline`."""
+) -> tuple[dict[str, Any], list[Judged]]:
+    """Single-sample checker accuracy on the held-out prompts through `ReflectionFluxPipeline`, and the
+    samples with their verdicts."""
     pipe = ReflectionFluxPipeline(flux, max_sequence_length=max_sequence_length)
     size = image_size
 
@@ -80,8 +81,9 @@ def sample_accuracy(
         return pipe.generate([s.prompt for s in chunk], noises=noises, height=size, width=size,
                              num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale)
 
-    accuracy, per_tag = accuracy_by_category(heldout_eval_set(n_per_category, seed), samples, batch)
-    return {"accuracy": accuracy, "per_tag": per_tag}
+    judged = judge(heldout_eval_set(n_per_category, seed), samples, batch)
+    accuracy, per_tag = accuracy_by_category(judged)
+    return {"accuracy": accuracy, "per_tag": per_tag}, judged
 
 
 class LatentCache:
@@ -190,14 +192,15 @@ class TextToImageModule(L.LightningModule):
 
     @torch.no_grad()
     def export(self, path: Path) -> None:
-        """The trained FluxPipeline (diffusers format) at `path` and its held-out accuracy in metrics.json."""
+        """The trained FluxPipeline (diffusers format) at `path`, its held-out accuracy in metrics.json and a
+        sheet of held-out samples with the checker's verdicts (samples.png)."""
         hp = self.hparams
         self.pipe.to("cpu")
         for module in (self.transformer, self.text_encoder):
             module.eval()
         path.mkdir(parents=True, exist_ok=True)
         self.pipe.save_pretrained(path, safe_serialization=True)
-        metrics = sample_accuracy(
+        metrics, judged = sample_accuracy(
             self.pipe,
             hp.eval_per_category,
             hp.image_size,
@@ -215,3 +218,5 @@ class TextToImageModule(L.LightningModule):
             metrics["per_tag"],
         )
         (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        title = f"base model: held-out samples ({hp.eval_steps} steps, guidance {hp.eval_true_cfg_scale:g})"
+        verdict_sheet(judged, title).save(path / "samples.png")

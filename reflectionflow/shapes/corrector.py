@@ -21,9 +21,10 @@ from reflectionflow.models.lora import save_lora
 from reflectionflow.models.module import ReflectionTuningModule
 from reflectionflow.models.pipeline import ReflectionFluxPipeline
 from reflectionflow.shapes.base import sample_accuracy
-from reflectionflow.shapes.evaluation import checker_verdicts, edit_groups, rates
+from reflectionflow.shapes.evaluation import edit_groups, judge, rates
 from reflectionflow.shapes.triplets import heldout_flawed_cases
 from reflectionflow.shapes.world import check_image
+from reflectionflow.sheets import contact_sheet
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,10 @@ and the pooled prompt alone, as the training text drop)."""
 @torch.no_grad()
 def corrector_fix_rates(
     pipe, cases: list, *, image_size: int, num_inference_steps: int, true_cfg_scale: float, seed: int
-) -> dict[str, dict[str, Any]]:
+) -> tuple[dict[str, dict[str, Any]], Image.Image]:
     """Checker pass rate of the corrections of `cases` under each input of `ABLATIONS` (same noises):
-    overall, per category, per edit type the reflection asks for and per number of edits."""
+    overall, per category, per edit type the reflection asks for and per number of edits; and a sheet of
+    the full-input corrections."""
     size = image_size
     prompts = [c.prompt for c in cases]
     flawed = [c.bad for c in cases]
@@ -56,14 +58,31 @@ def corrector_fix_rates(
     for name in ABLATIONS:
         images = pipe.generate(noises=noises, height=size, width=size, num_inference_steps=num_inference_steps,
                                true_cfg_scale=true_cfg_scale, **inputs[name])
-        verdicts = checker_verdicts(specs, lambda start, chunk, images=images: images, batch=len(specs))
+        judged = judge(specs, lambda start, chunk, images=images: images, len(specs))
+        verdicts = [j.correct for j in judged]
+        if name == "full":
+            sheet = corrections_sheet(cases, judged)
         results[name] = {
             "fix_rate": float(np.mean(verdicts)),
             "per_tag": rates(verdicts, [[spec.tag] for spec in specs]),
             "per_edit_type": rates(verdicts, kinds),
             "per_edit_count": rates(verdicts, [[count] for count in counts]),
         }
-    return results
+    return results, sheet
+
+
+def corrections_sheet(cases: list, judged: list, per_category: int = 2):
+    """Flawed | corrected | target of the first cases of each category, captioned with the reflection and
+    the checker's verdict on the correction."""
+    rows: dict[str, list] = {}
+    for case, j in zip(cases, judged, strict=True):
+        row = rows.setdefault(j.spec.tag, [])
+        if len(row) < 3 * per_category:
+            verdict = "fixed" if j.correct else "; ".join(j.result.messages())
+            row += [(case.bad, f"flawed: {case.prompt.removeprefix('a photo of ')}"),
+                    (j.image, f"corrected -- {verdict}"), (case.good, f"target: {case.reflection}")]
+    return contact_sheet(list(rows.values()), cell=144, title="corrector: flawed | corrected | target",
+                         row_labels=list(rows))
 
 
 class ShapesCorrectorModule(ReflectionTuningModule):
@@ -108,12 +127,13 @@ class ShapesCorrectorModule(ReflectionTuningModule):
         self.transformer.eval()
         pipe = ReflectionFluxPipeline.with_settings(self.pipe, self.corrector_settings(), micro_batch=48)
         cases = heldout_flawed_cases(hp.eval_per_category, hp.image_size, hp.seed)
-        metrics: dict[str, Any] = corrector_fix_rates(
+        metrics, sheet = corrector_fix_rates(
             pipe, cases, image_size=hp.image_size, num_inference_steps=hp.eval_steps,
             true_cfg_scale=hp.eval_true_cfg_scale, seed=hp.seed,
         )
+        sheet.save(path / "corrections.png")
         metrics["already_correct"] = float(np.mean([check_image(c.bad, c.meta["spec"]).correct for c in cases]))
-        metrics["base_model"] = sample_accuracy(
+        metrics["base_model"], _ = sample_accuracy(
             self.pipe, hp.eval_per_category, hp.image_size, hp.eval_steps, hp.eval_true_cfg_scale,
             hp.base_max_sequence_length, seed=hp.seed,
         )

@@ -1,29 +1,44 @@
 """Checker verdicts grouped by category or edit type: the one loop the VAE, base-model and corrector recipes
-share, and the per-edit-type breakdown of a corrector's fixes."""
+share, the per-edit-type breakdown of a corrector's fixes, and sheets of images with their verdicts."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from reflectionflow.shapes.world import PromptSpec, check_image, parse_reflection
+from reflectionflow.shapes.world import CheckResult, PromptSpec, check_image, parse_reflection
 from reflectionflow.shapes.world.edits import Add, Change, Edit, Move, Remove
+from reflectionflow.sheets import contact_sheet
 
 ImagesOf = Callable[[int, Sequence[PromptSpec]], Sequence[Image.Image]]
 EDIT_TYPES = ("colour change", "shape change", "removal", "addition", "move")
 
 
-def checker_verdicts(specs: Sequence[PromptSpec], images_of: ImagesOf, batch: int) -> list[bool]:
-    """Whether the checker passes each image; `images_of(start, chunk)` makes one image per spec of
+@dataclass(frozen=True)
+class Judged:
+    """An image made for `spec` and the checker's verdict on it."""
+
+    spec: PromptSpec
+    image: Image.Image
+    result: CheckResult
+
+    @property
+    def correct(self) -> bool:
+        return self.result.correct
+
+
+def judge(specs: Sequence[PromptSpec], images_of: ImagesOf, batch: int) -> list[Judged]:
+    """The checker's verdict on one image per spec; `images_of(start, chunk)` makes the images of
     `chunk = specs[start : start + batch]`."""
-    verdicts = []
+    judged = []
     for start in range(0, len(specs), batch):
         chunk = specs[start : start + batch]
         images = images_of(start, chunk)
-        verdicts += [check_image(image, spec).correct for spec, image in zip(chunk, images, strict=True)]
-    return verdicts
+        judged += [Judged(spec, image, check_image(image, spec)) for spec, image in zip(chunk, images, strict=True)]
+    return judged
 
 
 def rates(verdicts: Sequence[bool], groups: Sequence[Sequence[str]]) -> dict[str, float]:
@@ -36,12 +51,22 @@ def rates(verdicts: Sequence[bool], groups: Sequence[Sequence[str]]) -> dict[str
     return {name: float(np.mean(values)) for name, values in members.items()}
 
 
-def accuracy_by_category(
-    specs: Sequence[PromptSpec], images_of: ImagesOf, batch: int
-) -> tuple[float, dict[str, float]]:
+def accuracy_by_category(judged: Sequence[Judged]) -> tuple[float, dict[str, float]]:
     """Share of images the checker passes, overall and per category."""
-    verdicts = checker_verdicts(specs, images_of, batch)
-    return float(np.mean(verdicts)), rates(verdicts, [[spec.tag] for spec in specs])
+    verdicts = [j.correct for j in judged]
+    return float(np.mean(verdicts)), rates(verdicts, [[j.spec.tag] for j in judged])
+
+
+def verdict_sheet(judged: Sequence[Judged], title: str, per_category: int = 4) -> Image.Image:
+    """The first `per_category` images of each category, a row per category, captioned with the verdict:
+    'ok' or the checker's problems, after the prompt."""
+    rows: dict[str, list] = {}
+    for j in judged:
+        row = rows.setdefault(j.spec.tag, [])
+        if len(row) < per_category:
+            verdict = "ok" if j.correct else "; ".join(j.result.messages())
+            row.append((j.image, f"{j.spec.prompt.removeprefix('a photo of ')} -- {verdict}"))
+    return contact_sheet(list(rows.values()), cell=144, title=title, row_labels=list(rows))
 
 
 def edit_type(edit: Edit) -> str:

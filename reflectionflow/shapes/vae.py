@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from reflectionflow.models.optim import build_optimizers
-from reflectionflow.shapes.evaluation import accuracy_by_category
+from reflectionflow.shapes.evaluation import accuracy_by_category, judge
 from reflectionflow.shapes.pairs import ShapesPairs, image_tensor, tensor_image
 from reflectionflow.shapes.world import heldout_eval_set, render_scene, sample_scene
+from reflectionflow.sheets import contact_sheet
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +55,32 @@ def build_autoencoder(
 
 
 @torch.no_grad()
-def reconstruction_accuracy(
-    vae, n_per_category: int = 32, image_size: int = 48, seed: int = 0
-) -> dict[str, Any]:
-    """Checker accuracy of VAE round trips of correct renders of the held-out prompts, per category."""
+def reconstructions(vae, n_per_category: int = 32, image_size: int = 48, seed: int = 0) -> list[tuple]:
+    """(render, the checker's verdict on its VAE round trip) for correct renders of the held-out prompts."""
     rng = np.random.default_rng(seed)
+    renders = []
 
-    def reconstructions(start: int, chunk) -> list:
-        pixels = torch.stack([image_tensor(render_scene(sample_scene(s, rng), image_size)) for s in chunk])
+    def round_trips(start: int, chunk) -> list:
+        images = [render_scene(sample_scene(s, rng), image_size) for s in chunk]
+        renders.extend(images)
+        pixels = torch.stack([image_tensor(image) for image in images])
         recon = vae.decode(vae.encode(pixels.to(vae.device)).latent_dist.mode()).sample
         return [tensor_image(image) for image in recon]
 
-    accuracy, per_tag = accuracy_by_category(heldout_eval_set(n_per_category, seed), reconstructions, batch=64)
-    return {"accuracy": accuracy, "per_tag": per_tag}
+    judged = judge(heldout_eval_set(n_per_category, seed), round_trips, batch=64)
+    return list(zip(renders, judged, strict=True))
+
+
+def reconstruction_sheet(pairs: list[tuple], per_category: int = 3):
+    """Inputs next to their reconstructions, a row per category, captioned with the checker's verdict."""
+    rows: dict[str, list] = {}
+    for render, judged in pairs:
+        row = rows.setdefault(judged.spec.tag, [])
+        if len(row) < 2 * per_category:
+            verdict = "ok" if judged.correct else "; ".join(judged.result.messages())
+            row += [(render, "input"), (judged.image, f"reconstruction -- {verdict}")]
+    return contact_sheet(list(rows.values()), cell=144, title="VAE: held-out renders and their round trips",
+                         row_labels=list(rows))
 
 
 class AutoencoderModule(L.LightningModule):
@@ -121,17 +135,18 @@ class AutoencoderModule(L.LightningModule):
 
     @torch.no_grad()
     def export(self, path: Path) -> None:
-        """`<path>/vae` (diffusers format, latent statistics in its config) and `<path>/metrics.json`."""
+        """`<path>/vae` (diffusers format, latent statistics in its config), `<path>/metrics.json` and a sheet
+        of reconstructions next to their inputs (`reconstructions.png`)."""
         vae = self.vae.eval()
         stream = iter(ShapesPairs("train", self.hparams.image_size, seed=self.hparams.seed + 1))
         pixels = torch.stack([next(stream)["image"] for _ in range(256)]).to(self.device)
         latents = vae.encode(pixels).latent_dist.mode()
         vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std()))
-        metrics = reconstruction_accuracy(vae, self.hparams.eval_per_category, self.hparams.image_size)
-        metrics["global_step"] = self.global_step
-        log.info(
-            "VAE reconstructions pass the checker: %.1f%% %s", 100 * metrics["accuracy"], metrics["per_tag"]
-        )
+        pairs = reconstructions(vae, self.hparams.eval_per_category, self.hparams.image_size)
+        accuracy, per_tag = accuracy_by_category([judged for _, judged in pairs])
+        metrics = {"accuracy": accuracy, "per_tag": per_tag, "global_step": self.global_step}
+        log.info("VAE reconstructions pass the checker: %.1f%% %s", 100 * accuracy, per_tag)
         path.mkdir(parents=True, exist_ok=True)
         vae.save_pretrained(path / "vae")
         (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        reconstruction_sheet(pairs).save(path / "reconstructions.png")
