@@ -22,6 +22,15 @@ from reflectionflow.recipes import RecipeError, is_built, mark_built, product_di
 log = logging.getLogger(__name__)
 
 _GPU_ONLY_STRATEGIES = ("deepspeed",)
+_FSDP_STRATEGIES = ("fsdp2strategy", "modelparallelstrategy", "fsdp", "fsdpstrategy")
+
+
+def _deepspeed_stage(strategy) -> int:
+    """The ZeRO stage of a DeepSpeed strategy given as a name (`deepspeed_stage_3_offload`) or an object."""
+    if isinstance(strategy, DictConfig | dict):
+        return int(strategy.get("stage", 2))
+    digits = [part for part in str(strategy).split("_") if part.isdigit()]
+    return int(digits[0]) if digits else 2
 
 
 def _strategy_name(cfg: DictConfig) -> str:
@@ -42,6 +51,18 @@ def check_config(cfg: DictConfig) -> None:
         known = ["auto", *StrategyRegistry.available_strategies()]
         if strategy not in known:
             raise ConfigError(f"trainer.strategy={strategy} is not a Lightning strategy; use one of: {', '.join(known)}")
+    if "deepspeed" in strategy and _deepspeed_stage(cfg.trainer.strategy) == 3:
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 is not supported: Lightning builds the model inside deepspeed.zero.Init, which "
+            "partitions the frozen text encoders and VAE that no engine manages; use trainer=fsdp (FSDP2 shards "
+            "the transformer's weights)"
+        )
+    optimizer = str(cfg.model.get("optimizer", {}).get("_target_", "")) if cfg.model.get("optimizer") else ""
+    if optimizer.startswith("bitsandbytes.") and strategy in _FSDP_STRATEGIES:
+        raise ConfigError(
+            f"optimizer {optimizer} with trainer=fsdp: bitsandbytes' 8-bit states do not support FSDP2's DTensor "
+            "shards; use trainer=ddp with it, or optimizer=prodigy or adamw with trainer=fsdp"
+        )
     if any(name in strategy for name in _GPU_ONLY_STRATEGIES):
         if not torch.cuda.is_available():
             raise ConfigError(

@@ -66,7 +66,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class StepCheckpoint(ModelCheckpoint):
     """Lightning's `ModelCheckpoint` every N optimizer steps, plus one when training ends, so a finished
-    run can be extended (`resume=true trainer.max_steps=...`) from exactly where it stopped."""
+    run can be extended (`resume=true trainer.max_steps=...`) from exactly where it stopped.
+
+    With `save_last="link"`, `last.ckpt` is a symbolic link to the newest checkpoint instead of a second
+    copy of it, replaced atomically: a run killed while relinking still has a `last.ckpt` to resume from."""
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            link = Path(linkpath)
+            if link.is_dir() and not link.is_symlink():  # a DeepSpeed directory from an older run
+                shutil.rmtree(link)
+            partial = link.with_name(f".{link.name}.partial")
+            partial.unlink(missing_ok=True)
+            partial.symlink_to(os.path.relpath(filepath, link.parent))
+            os.replace(partial, link)
+        trainer.strategy.barrier()
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last_global_step_saved != trainer.global_step:

@@ -25,7 +25,7 @@ from reflectionflow.models.corrector import (
 )
 from reflectionflow.models.flow_matching import flow_matching_loss
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict
-from reflectionflow.models.optim import build_optimizers
+from reflectionflow.models.optim import build_optimizers, effective_lr
 from reflectionflow.models.pipeline import encode_images, quiet_prompt_truncation
 
 
@@ -105,8 +105,11 @@ class ReflectionTuningModule(L.LightningModule):
             component.to(self.device)
 
     def configure_optimizers(self):
+        from reflectionflow.models.strategies import shards_parameters
+
         params = [p for p in self.transformer.parameters() if p.requires_grad]
-        return build_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory, default_lr=1e-4)
+        return build_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory, default_lr=1e-4,
+                                sharded=shards_parameters(self.trainer.strategy))
 
     # ---------------------------------------------------------------------------------------------------
     def _step_generator(self) -> torch.Generator:
@@ -175,6 +178,10 @@ class ReflectionTuningModule(L.LightningModule):
                 norm = norm.full_tensor()
             self.log("train/grad_norm", norm, batch_size=1)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # What the LR monitor cannot show for Prodigy, whose `lr` (1.0) only scales its estimated step size.
+        self.log("train/lr_effective", effective_lr(self.trainer.optimizers[0]), batch_size=1)
+
     # ---------------------------------------------------------------------------------------------------
     def lora_state(self) -> dict[str, torch.Tensor]:
         """Full (gathered) LoRA weights, on every rank: works unsharded and under FSDP2."""
@@ -182,4 +189,7 @@ class ReflectionTuningModule(L.LightningModule):
         return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in state.items()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+        """Checkpoints hold what trains (the LoRA), not the frozen FLUX weights; FSDP2 and DeepSpeed leave
+        the frozen ones out before gathering (`FSDP2Strategy`, `exclude_frozen_parameters`)."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

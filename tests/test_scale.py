@@ -1,0 +1,229 @@
+"""Ready for many GPUs, checked on CPU: Prodigy under sharding, checkpoint contents per strategy."""
+
+import os
+import socket
+
+import pytest
+import torch
+from conftest import compose_app
+from helpers.cli import run_cli
+from hydra.utils import instantiate
+from safetensors.torch import load_file
+
+from reflectionflow.models.optim import Prodigy, build_optimizers, effective_lr
+
+STEPS = 40
+
+
+def _toy_model() -> torch.nn.Module:
+    """33 rows: FSDP2 shards them unevenly over 2 ranks; the zero-initialised last layer is LoRA's B."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.Tanh(), torch.nn.Linear(33, 8))
+    torch.nn.init.zeros_(model[2].weight)
+    return model
+
+
+def _prodigy_factory():
+    return instantiate(compose_app("train", "optimizer@model.optimizer=prodigy").model.optimizer)
+
+
+def _train(model, optimizer) -> list[float]:
+    """d after every step; the same batches on every rank, so the averaged gradient is the unsharded one."""
+    ds = []
+    for step in range(STEPS):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(step))
+        model(x).sub(1.0).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ds.append(optimizer.param_groups[0]["d"])
+    return ds
+
+
+def _full(model) -> dict[str, torch.Tensor]:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def test_unsharded_prodigy_steps_like_prodigyopt():
+    prodigyopt = pytest.importorskip("prodigyopt")
+    settings = dict(lr=1.0, use_bias_correction=True, safeguard_warmup=True, weight_decay=0.01)
+    ours, reference = _toy_model(), _toy_model()
+    ds = _train(ours, Prodigy(ours.parameters(), **settings))
+    reference_ds = _train(reference, prodigyopt.Prodigy(reference.parameters(), **settings))
+    assert ds[-1] > 3 * ds[0]  # d grew: the estimate is exercised, not stuck at d0
+    torch.testing.assert_close(torch.tensor(ds), torch.tensor(reference_ds), rtol=1e-5, atol=0)
+    for name, value in _full(ours).items():
+        torch.testing.assert_close(value, _full(reference)[name], rtol=1e-5, atol=1e-7)
+
+
+def test_build_optimizers_tells_prodigy_and_only_prodigy_that_parameters_are_sharded():
+    params = list(_toy_model().parameters())
+    assert build_optimizers(params, _prodigy_factory(), None, 1e-4, sharded=True).param_groups[0]["fsdp_in_use"]
+    assert not build_optimizers(params, _prodigy_factory(), None, 1e-4).param_groups[0]["fsdp_in_use"]
+    adamw = instantiate(compose_app("train").model.optimizer)
+    assert isinstance(build_optimizers(params, adamw, None, 1e-4, sharded=True), torch.optim.AdamW)
+
+
+def test_effective_lr_is_d_times_lr_for_prodigy():
+    model = _toy_model()
+    optimizer = Prodigy(model.parameters(), lr=0.5)
+    _train(model, optimizer)
+    assert effective_lr(optimizer) == pytest.approx(0.5 * optimizer.param_groups[0]["d"])
+    assert effective_lr(torch.optim.AdamW(model.parameters(), lr=3e-4)) == pytest.approx(3e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fsdp2_prodigy_worker(rank: int, world_size: int, port: int, results) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        model = _toy_model()
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = build_optimizers(model.parameters(), _prodigy_factory(), None, 1e-4, sharded=True)
+        ds = _train(model, optimizer)
+        results[rank] = (ds, _full(model))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_prodigy_estimates_the_unsharded_d_on_every_rank():
+    import torch.multiprocessing as mp
+
+    reference = _toy_model()
+    reference_ds = _train(reference, build_optimizers(reference.parameters(), _prodigy_factory(), None, 1e-4))
+    results = mp.Manager().dict()
+    mp.start_processes(_fsdp2_prodigy_worker, args=(2, _free_port(), results), nprocs=2, start_method="fork")
+    assert sorted(results.keys()) == [0, 1]
+    for rank in (0, 1):
+        ds, weights = results[rank]
+        torch.testing.assert_close(torch.tensor(ds), torch.tensor(reference_ds), rtol=1e-5, atol=0)
+        for name, value in _full(reference).items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------- strategies
+def test_deepspeed_config_is_zero2_without_frozen_weights_in_checkpoints():
+    strategy_cfg = compose_app("train", "trainer=deepspeed").trainer.strategy
+    assert strategy_cfg._target_ == "lightning.pytorch.strategies.DeepSpeedStrategy"
+    assert strategy_cfg.stage == 2 and strategy_cfg.exclude_frozen_parameters is True
+    pytest.importorskip("deepspeed", reason="deepspeed not installed: the config object above is what runs")
+    from reflectionflow.models.strategies import shards_parameters
+
+    strategy = instantiate(strategy_cfg)  # Lightning passes this flag to engine.save_checkpoint
+    assert strategy.exclude_frozen_parameters and shards_parameters(strategy)
+
+
+def test_ddp_config_keeps_gradients_in_the_buckets():
+    strategy = instantiate(compose_app("train", "trainer=ddp").trainer.strategy)
+    assert strategy._ddp_kwargs == {"gradient_as_bucket_view": True}
+    from reflectionflow.models.strategies import shards_parameters
+
+    assert not shards_parameters(strategy)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["trainer=deepspeed", "trainer.strategy.stage=3"], "DeepSpeed ZeRO-3 is not supported"),
+        (["trainer=gpu", "trainer.strategy=deepspeed_stage_3_offload"], "DeepSpeed ZeRO-3 is not supported"),
+        (["trainer=fsdp", "optimizer@model.optimizer=adamw8bit"], "bitsandbytes' 8-bit states do not support"),
+    ],
+)
+def test_unsupported_strategy_combinations_are_refused_in_one_line(overrides, message):
+    from reflectionflow.config import ConfigError
+    from reflectionflow.train import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_app("train", "experiment=tiny", *overrides))
+
+
+def _fsdp2_state_dict_worker(rank: int, world_size: int, port: int, results) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from reflectionflow.models.strategies import FSDP2Strategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = _toy_model()
+        model[0].requires_grad_(False)  # the frozen base
+        mesh = init_device_mesh("cpu", (world_size,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        strategy = FSDP2Strategy()
+        strategy.model = model
+        state = strategy.lightning_module_state_dict()
+        results[rank] = {k: tuple(v.shape) for k, v in state.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_gathers_only_trainable_parameters():
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.start_processes(_fsdp2_state_dict_worker, args=(2, _free_port(), results), nprocs=2, start_method="fork")
+    assert results[0] == {"2.weight": (8, 33), "2.bias": (8,)}  # full tensors, and no frozen layer 0
+    assert results[1] == {}  # only rank 0 receives the gathered state
+
+
+FAST = ["experiment=tiny", "trainer.log_every_n_steps=1", "model.lora_rank=4", "validation.every_n_steps=0"]
+FSDP2_PRODIGY = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+                 "optimizer@model.optimizer=prodigy", "checkpoint.every_n_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _trainable_shapes() -> dict[str, tuple[int, ...]]:
+    """The LoRA parameters the tiny corrector trains (dead-end adapters excluded), built unsharded."""
+    module = instantiate(compose_app("train", *FAST).model)
+    module.configure_model()
+    return {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_fsdp2_prodigy_checkpoint_holds_exactly_the_lora_and_its_optimizer_state_and_resumes(tmp_path, cache,
+                                                                                               monkeypatch):
+    def train(run_dir, *overrides):
+        result = run_cli("train", *FAST, *FSDP2_PRODIGY, f"hydra.run.dir={run_dir}", *overrides, cache=cache)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    train(tmp_path / "stopped", "trainer.max_steps=2")
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and last.resolve().name == "step-0000002.ckpt"  # a link, not a second copy
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    monkeypatch.setenv("REFLECTIONFLOW_CACHE", str(cache))
+    trainable = _trainable_shapes()
+    assert {k: tuple(v.shape) for k, v in state["state_dict"].items()} == trainable
+    optimizer = state["optimizer_states"][0]
+    names = optimizer["param_groups"][0]["params"]
+    assert len(names) == len(optimizer["state"]) == len(trainable)
+    shapes = sorted(trainable.values())
+    assert sorted(tuple(s["exp_avg"].shape) for s in optimizer["state"].values()) == shapes  # gathered, full
+    assert optimizer["param_groups"][0]["fsdp_in_use"] and optimizer["param_groups"][0]["k"] == 2
+
+    train(tmp_path / "stopped", "trainer.max_steps=3", "resume=true", "logger.csv.version=resumed")
+    train(tmp_path / "straight", "trainer.max_steps=3")
+    a = load_file(tmp_path / "straight" / "lora" / "final" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "stopped" / "lora" / "final" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
