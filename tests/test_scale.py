@@ -3,6 +3,7 @@
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose_app
@@ -227,3 +228,77 @@ def test_fsdp2_prodigy_checkpoint_holds_exactly_the_lora_and_its_optimizer_state
     a = load_file(tmp_path / "straight" / "lora" / "final" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "stopped" / "lora" / "final" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------- inference
+def _corrector_pipeline(tiny_flux_path, **kwargs):
+    from reflectionflow.models.lora import add_lora
+    from reflectionflow.models.pipeline import ReflectionFluxPipeline
+
+    pipe = ReflectionFluxPipeline.from_pretrained(str(tiny_flux_path), condition_size=32, max_sequence_length=16,
+                                                  **kwargs)
+    add_lora(pipe.transformer, rank=4)
+    torch.manual_seed(1)
+    for name, p in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return pipe
+
+
+def test_text_cache_stays_within_its_bound_in_cpu_memory(tiny_flux_path):
+    pipe = _corrector_pipeline(tiny_flux_path, text_cache_size=3)
+    texts = [f"a red cat number {i}" for i in range(5)]
+    t5, pooled = pipe.encode_text(texts, texts)  # more new texts in one call than the cache holds
+    assert t5.shape[0] == pooled.shape[0] == 5 and len(pipe._text_cache) == 3
+    again, _ = pipe.encode_text(texts[:1], texts[:1])
+    torch.testing.assert_close(again[0], t5[0])
+    for i in range(10):
+        pipe.encode_text([f"a blue dog {i}"], ["a blue dog [Reflexion] make it green"])
+        assert len(pipe._text_cache) <= 3
+    assert all(e.t5.device.type == "cpu" and e.pooled.device.type == "cpu" for e in pipe._text_cache.values())
+
+
+def test_cpu_offload_gives_the_same_images(tiny_flux_path):
+    kwargs = dict(height=64, width=64, num_inference_steps=2, output_type="np")
+    pipe = _corrector_pipeline(tiny_flux_path)
+    flawed = pipe("a red cat", generator=torch.Generator().manual_seed(0), **{**kwargs, "output_type": "pil"})[0]
+
+    def correct(p):
+        return p("a red cat", image=flawed, reflection="make it blue", generator=torch.Generator().manual_seed(1),
+                 **kwargs)
+
+    expected = correct(pipe)
+    offloaded = _corrector_pipeline(tiny_flux_path)
+    offloaded.enable_model_cpu_offload("cpu")  # the hooks' code path; on a GPU the weights move in and out
+    np.testing.assert_allclose(correct(offloaded), expected, atol=1e-6)
+    assert offloaded.transformer._hf_hook is not None
+
+
+@pytest.mark.slow
+def test_compiled_transformer_blocks_give_the_same_images(tiny_flux_path):
+    kwargs = dict(height=64, width=64, num_inference_steps=2, output_type="np")
+    pipe = _corrector_pipeline(tiny_flux_path, attention="causal")
+    flawed = pipe("a red cat", generator=torch.Generator().manual_seed(0), **{**kwargs, "output_type": "pil"})[0]
+    expected = pipe("a red cat", image=flawed, reflection="make it blue", generator=torch.Generator().manual_seed(1),
+                    **kwargs)
+    pipe.compile_transformer()
+    compiled = pipe("a red cat", image=flawed, reflection="make it blue", generator=torch.Generator().manual_seed(1),
+                    **kwargs)
+    np.testing.assert_allclose(compiled, expected, atol=1e-5)
+
+
+def test_adamw8bit_config_keeps_8bit_states():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pytest.skip("bitsandbytes is not installed (pip install bitsandbytes)")
+    param = torch.nn.Parameter(torch.randn(64, 64))  # >= 4096 elements: bitsandbytes' 8-bit threshold
+    param.grad = torch.randn(64, 64)
+    factory = instantiate(compose_app("train", "optimizer@model.optimizer=adamw8bit").model.optimizer)
+    optimizer = build_optimizers([param], factory, None, 1e-4)
+    before = param.detach().clone()
+    try:
+        optimizer.step()
+    except (RuntimeError, NotImplementedError) as err:
+        pytest.skip(f"bitsandbytes cannot run its 8-bit optimizer here: {err}")
+    assert optimizer.state[param]["state1"].dtype == torch.uint8 and not torch.equal(param, before)

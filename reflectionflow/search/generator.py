@@ -113,7 +113,8 @@ class FluxGenerator:
     the corrector (base + reflection LoRA, flawed image as condition) for the others.
 
     A thin adapter: it only turns requests into the pipeline's batched calls, one micro-batch at a time so
-    the engine can score finished images while the next micro-batch denoises.
+    the engine can score finished images while the next micro-batch denoises. `text_cache_size` bounds the
+    pipeline's CPU cache of text embeddings (entries, 4 MiB each at 512 T5 tokens in bf16).
     """
 
     def __init__(
@@ -134,6 +135,9 @@ class FluxGenerator:
         micro_batch: int = 4,
         max_sequence_length: int = 512,
         corrector_max_sequence_length: int | None = None,
+        text_cache_size: int = 256,
+        cpu_offload: bool = False,
+        compile: bool = False,
     ):
         from reflectionflow.config import check_option
         from reflectionflow.models.corrector import CONDITION_POSITIONS
@@ -146,7 +150,7 @@ class FluxGenerator:
             model_path,
             lora_path,
             dtype=dtype,
-            device=device,
+            device="cpu" if cpu_offload else device,
             attention=attention,
             lora_on_target=lora_on_target,
             condition_size=condition_size,
@@ -154,12 +158,23 @@ class FluxGenerator:
             micro_batch=micro_batch,
             max_sequence_length=max_sequence_length,
             corrector_max_sequence_length=corrector_max_sequence_length,
+            text_cache_size=text_cache_size,
         )
+        self._accelerate(device, cpu_offload, compile)
         self.height, self.width = height, width
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.true_cfg_scale = true_cfg_scale
         self.micro_batch = micro_batch
+
+    def _accelerate(self, device: str, cpu_offload: bool, compile: bool) -> None:
+        """`cpu_offload`: weights rest in CPU memory and each component runs on `device` in turn (FLUX.1-dev
+        on a ~24 GB card, slower); `compile`: `torch.compile` of the transformer blocks (the first images
+        of each kind, base / corrector / causal, pay the compilation)."""
+        if cpu_offload:
+            self.pipeline.enable_model_cpu_offload(device)
+        if compile:
+            self.pipeline.compile_transformer()
 
     def initial_noise(self, seed: int) -> torch.Tensor:
         return self.pipeline.initial_noise(seed, self.height, self.width)
