@@ -302,3 +302,62 @@ def test_adamw8bit_config_keeps_8bit_states():
     except (RuntimeError, NotImplementedError) as err:
         pytest.skip(f"bitsandbytes cannot run its 8-bit optimizer here: {err}")
     assert optimizer.state[param]["state1"].dtype == torch.uint8 and not torch.equal(param, before)
+
+
+# ---------------------------------------------------------------------------------------------------- text embeddings
+def _genref_batch(pattern: str, text_embeddings: str | None) -> dict:
+    from reflectionflow.data import GenRefDataModule
+
+    datamodule = GenRefDataModule(pattern, batch_size=8, num_workers=0, target_size=64, condition_size=32,
+                                  drop_text=0.2, drop_image=0.2, drop_reflection=0.4, seed=1, shuffle_buffer=4,
+                                  rank=0, world_size=1, accumulate_grad_batches=1, text_embeddings=text_embeddings)
+    return datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+
+
+def _corrector_module(tiny_flux_path, **kwargs):
+    from reflectionflow.models.module import ReflectionTuningModule
+
+    module = ReflectionTuningModule(path=str(tiny_flux_path), lora_rank=4, condition_size=32, max_sequence_length=64,
+                                    **kwargs)
+    torch.manual_seed(0)
+    module.configure_model()
+    return module
+
+
+def test_precomputed_text_embeddings_give_the_loss_of_on_the_fly_encoding(tmp_path, tiny_flux_path, capsys):
+    from reflectionflow.data import write_synthetic_shards
+    from reflectionflow.data.text_embeddings import main
+
+    write_synthetic_shards(tmp_path, num_shards=2, samples_per_shard=6, image_size=64, seed=0)
+    pattern = str(tmp_path / "genref_{0000..0001}.tar")
+    main(["--model", str(tiny_flux_path), "--shards", pattern, "--max-sequence-length", "64", "--dtype", "float32",
+          "--device", "cpu", "--batch-size", "4"])
+    assert "data.text_embeddings=text64" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob("*.text64")) == ["genref_0000.text64", "genref_0001.text64"]
+
+    precomputed, encoded = _genref_batch(pattern, "text64"), _genref_batch(pattern, None)
+    assert precomputed["t5_text"] == encoded["t5_text"] and "t5_embeds" not in encoded
+    texts = precomputed["t5_text"]  # all three precomputed texts are read: dropped, prompt alone, with reflection
+    assert "" in texts and any(t == p for t, p in zip(texts, precomputed["prompt"], strict=True))
+    assert any("[Reflexion]" in t for t in texts)
+
+    lean = _corrector_module(tiny_flux_path, text_embeddings="text64")
+    assert lean.pipe.text_encoder is None and lean.pipe.text_encoder_2 is None
+    full = _corrector_module(tiny_flux_path)
+    loss = full.flow_matching_loss(encoded, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lean.flow_matching_loss(precomputed, torch.Generator().manual_seed(0)), loss)
+
+
+def test_text_embeddings_are_checked_before_the_model_loads(tmp_path, tiny_flux_path):
+    from reflectionflow.config import ConfigError
+    from reflectionflow.data import ShardSourceError, write_synthetic_shards
+    from reflectionflow.train import check_config, check_text_embedding_settings
+
+    write_synthetic_shards(tmp_path, num_shards=1, samples_per_shard=2, image_size=64)
+    with pytest.raises(ShardSourceError, match="no text embeddings .*genref_0000.text512"):
+        _genref_batch(str(tmp_path / "genref_0000.tar"), "text512")
+    with pytest.raises(ConfigError, match="set callbacks.validation=null callbacks.validation_metrics=null"):
+        check_config(compose_app("train", "experiment=tiny", "data.text_embeddings=text64"))
+    cfg = compose_app("train", "experiment=tiny", "data.text_embeddings=text64")
+    with pytest.raises(ConfigError, match="max_sequence_length=512, but the run trains with 64"):
+        check_text_embedding_settings(cfg, {"model": "tiny", "max_sequence_length": 512, "dtype": "float32"})

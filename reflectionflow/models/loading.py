@@ -79,8 +79,11 @@ def load_flux_pipeline(
     lora_path: str | os.PathLike | None = None,
     adapter_name: str = "reflection",
     config_key: str = "model.path",
+    text_encoders: bool = True,
 ):
-    """Load a `FluxPipeline` (optionally with a LoRA adapter) from a hub id, a local directory or `tiny`."""
+    """Load a `FluxPipeline` (optionally with a LoRA adapter) from a hub id, a local directory or `tiny`.
+
+    `text_encoders=False` leaves out CLIP, T5 and their tokenizers (training on precomputed embeddings)."""
     from diffusers import FluxPipeline
 
     if isinstance(dtype, str):
@@ -88,10 +91,17 @@ def load_flux_pipeline(
     resolved = resolve_model_path(path, config_key)
     lora = resolve_lora_path(lora_path) if lora_path else None
     try:
-        pipe = FluxPipeline.from_pretrained(resolved, torch_dtype=dtype)
+        pipe = FluxPipeline.from_pretrained(resolved, torch_dtype=dtype, **_without_text_encoders(text_encoders))
     except OSError as err:
         raise ModelNotFoundError(f"cannot read FLUX pipeline at {resolved!r}: {err}; set {config_key}=...") from None
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         pipe.load_lora_weights(lora, adapter_name=adapter_name)
     return pipe.to(device)
+
+
+def _without_text_encoders(text_encoders: bool) -> dict:
+    """`from_pretrained` arguments that skip loading the text encoders and tokenizers."""
+    if text_encoders:
+        return {}
+    return dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)

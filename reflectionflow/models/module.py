@@ -60,6 +60,7 @@ class ReflectionTuningModule(L.LightningModule):
         max_sequence_length: int = 512,
         sample_latents: bool = True,
         gradient_checkpointing: bool = False,
+        text_embeddings: str | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         seed: int = 0,
@@ -82,8 +83,9 @@ class ReflectionTuningModule(L.LightningModule):
 
         hp = self.hparams
         quiet_prompt_truncation()
-        self.pipe = load_flux_pipeline(hp.path, dtype=getattr(torch, hp.weight_dtype))
-        for component in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
+        self.pipe = load_flux_pipeline(hp.path, dtype=getattr(torch, hp.weight_dtype),
+                                       text_encoders=not hp.text_embeddings)
+        for component in self._frozen_encoders():
             component.requires_grad_(False).eval()
         add_lora(self.pipe.transformer, rank=hp.lora_rank, alpha=hp.lora_alpha,
                  target_modules=hp.lora_target_modules, dropout=hp.lora_dropout)
@@ -100,8 +102,12 @@ class ReflectionTuningModule(L.LightningModule):
         if mesh is not None:
             shard_transformer(self.transformer, mesh["data_parallel"])
 
+    def _frozen_encoders(self) -> list[torch.nn.Module]:
+        """VAE, and CLIP and T5 unless the data brings precomputed text embeddings."""
+        return [c for c in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2) if c is not None]
+
     def on_fit_start(self) -> None:
-        for component in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
+        for component in self._frozen_encoders():
             component.to(self.device)
 
     def configure_optimizers(self):
@@ -121,17 +127,24 @@ class ReflectionTuningModule(L.LightningModule):
 
     @torch.no_grad()
     def encode_batch(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Frozen encoders: target/condition latents and the (pooled CLIP, T5) text embeddings.
+        """Frozen encoders: target/condition latents and the (pooled CLIP, T5) text embeddings (or the
+        batch's precomputed ones, `data.text_embeddings`).
 
         Latents are VAE samples (FLUX's VAE), or the posterior mode with `sample_latents=False` for a VAE
         trained without sampling (the shapes VAE: its posterior std is ~1, noise as large as the signal)."""
         vae, sample = self.pipe.vae, self.hparams.sample_latents
         target = encode_images(vae, batch["image"].to(self.device), generator=generator, sample=sample)
         condition = encode_images(vae, batch["condition"].to(self.device), generator=generator, sample=sample)
-        t5, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(batch["prompt"]), prompt_2=list(batch["t5_text"]), device=self.device,
-            max_sequence_length=self.hparams.max_sequence_length,
-        )
+        if "t5_embeds" in batch:  # precomputed (data.text_embeddings)
+            t5, pooled = batch["t5_embeds"].to(self.device), batch["pooled_embeds"].to(self.device)
+        elif self.pipe.text_encoder_2 is None:
+            raise ValueError("model.text_embeddings is set (no text encoders loaded) but the batch has no "
+                             "t5_embeds; set data.text_embeddings")
+        else:
+            t5, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(batch["prompt"]), prompt_2=list(batch["t5_text"]), device=self.device,
+                max_sequence_length=self.hparams.max_sequence_length,
+            )
         return {"target": target, "condition": condition, "t5": t5, "pooled": pooled}
 
     def flow_matching_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
