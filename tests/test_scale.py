@@ -361,3 +361,32 @@ def test_text_embeddings_are_checked_before_the_model_loads(tmp_path, tiny_flux_
     cfg = compose_app("train", "experiment=tiny", "data.text_embeddings=text64")
     with pytest.raises(ConfigError, match="max_sequence_length=512, but the run trains with 64"):
         check_text_embedding_settings(cfg, {"model": "tiny", "max_sequence_length": 512, "dtype": "float32"})
+
+
+# ---------------------------------------------------------------------------------------------------- benchmark
+def _gpu_benchmark(*args: str):
+    import subprocess
+    import sys
+
+    from helpers.cli import ROOT, cli_env
+
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), *args], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_benchmark_says_so_in_one_line_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the benchmark measures instead")
+    result = _gpu_benchmark()
+    assert result.returncode == 0 and result.stdout.strip().splitlines() == [
+        "no CUDA GPU on this machine: nothing measured (python benchmarks/gpu.py --small runs the code on CPU)"]
+
+
+def test_gpu_benchmark_runs_its_code_at_toy_width_on_cpu():
+    result = _gpu_benchmark("--small")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    train = [line for line in lines if line.startswith("train step")]
+    assert len(train) == 4 and all("x stock" in line for line in train)  # batch 1 and 4, with and without
+    assert any(line.startswith("4-step corrected image: union") and "causal + KV cache" in line for line in lines)
+    assert sum(line.startswith("search width 4") and "images/s" in line for line in lines) == 2
