@@ -61,6 +61,7 @@ class ReflectionTuningModule(L.LightningModule):
         sample_latents: bool = True,
         gradient_checkpointing: bool = False,
         text_embeddings: str | None = None,
+        concurrent_loads: int | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         seed: int = 0,
@@ -77,14 +78,25 @@ class ReflectionTuningModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        """FLUX loaded straight onto this rank's device (no device -> CPU -> device round trip), by
+        `concurrent_loads` ranks of a node at a time (each stages the pipeline in host memory, ~34 GB for
+        FLUX.1-dev: all 8 at once is ~270 GB), then the LoRA, and the FSDP2 sharding under FSDP2Strategy."""
         if self.pipe is not None:
             return
         from reflectionflow.models.loading import load_flux_pipeline
 
         hp = self.hparams
         quiet_prompt_truncation()
-        self.pipe = load_flux_pipeline(hp.path, dtype=getattr(torch, hp.weight_dtype),
-                                       text_encoders=not hp.text_embeddings)
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        local_rank, per_node = (trainer.local_rank, trainer.num_devices) if trainer is not None else (0, 1)
+        at_once = hp.concurrent_loads or per_node
+        for turn in range(-(-per_node // at_once)):
+            if local_rank // at_once == turn:
+                self.pipe = load_flux_pipeline(hp.path, dtype=getattr(torch, hp.weight_dtype), device=device,
+                                               text_encoders=not hp.text_embeddings)
+            if at_once < per_node:
+                trainer.strategy.barrier("configure_model:load")
         for component in self._frozen_encoders():
             component.requires_grad_(False).eval()
         add_lora(self.pipe.transformer, rank=hp.lora_rank, alpha=hp.lora_alpha,
