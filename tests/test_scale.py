@@ -391,3 +391,43 @@ def test_gpu_benchmark_runs_its_code_at_toy_width_on_cpu():
     assert len(train) == 4 and all("x stock" in line for line in train)  # batch 1 and 4, with and without
     assert any(line.startswith("4-step corrected image: union") and "causal + KV cache" in line for line in lines)
     assert sum(line.startswith("search width 4") and "images/s" in line for line in lines) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- throughput
+def test_step_flops_counted_on_meta_equal_the_real_step(tiny_flux_path):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
+
+    module = _corrector_module(tiny_flux_path)
+    config = module.transformer.config
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 64, generator=g), timestep=torch.rand(2, generator=g),
+        encoder_hidden_states=torch.randn(2, 64, config.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=g), img_ids=latent_ids(8, 8),
+        txt_ids=torch.zeros(64, 3), guidance=torch.ones(2), cond_hidden_states=torch.randn(2, 4, 64, generator=g),
+        cond_ids=condition_ids(32),
+    )
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # CPU SDPA kernels go uncounted
+        corrector_forward(module.transformer, **inputs).sum().backward()
+    batch = {"image": torch.zeros(2, 3, 64, 64), "condition": torch.zeros(2, 3, 32, 32)}
+    assert module.count_step_flops(batch) == counter.get_total_flops() > 0
+
+
+def test_throughput_monitor_logs_samples_and_flops_per_second(tmp_path, cache, monkeypatch):
+    import csv
+
+    from reflectionflow.train import train
+
+    monkeypatch.setenv("REFLECTIONFLOW_CACHE", str(cache))
+    run = tmp_path / "run"
+    train(compose_app("train", *FAST, f"paths.run_dir={run}", "trainer.max_steps=11", "callbacks.validation=null",
+                      "callbacks.validation_metrics=null", "checkpoint.every_n_steps=0"))
+    with open(run / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train/device/samples_per_sec", "train/device/flops_per_sec", "train/lr_effective"} <= logged
+    samples = [float(r["train/device/samples_per_sec"]) for r in rows if r.get("train/device/samples_per_sec")]
+    assert samples and all(s > 0 for s in samples)

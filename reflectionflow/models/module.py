@@ -74,6 +74,7 @@ class ReflectionTuningModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.strict_loading = False  # checkpoints hold the LoRA weights only
         self.pipe = None  # the FluxPipeline; its transformer is registered as `self.transformer`
+        self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor (FLOP/s, MFU)
         self._micro_step = (-1, 0)  # (global step, micro-batch within it)
 
     # ---------------------------------------------------------------------------------------------------
@@ -189,7 +190,42 @@ class ReflectionTuningModule(L.LightningModule):
 
         return flow_matching_loss(predict, enc["target"], generator, hp.timestep_mean, hp.timestep_std)
 
+    def count_step_flops(self, batch: dict) -> int:
+        """FLOPs of the transformer's forward and backward for one batch of this shape, counted on a
+        meta-device copy (no memory, no compute): the model FLOPs MFU is measured against, so without the
+        checkpointing recomputation and the frozen encoders; the frozen weights get no weight gradients."""
+        from diffusers import FluxTransformer2DModel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        hp = self.hparams
+        config = self.transformer.config
+        scale = self.pipe.vae_scale_factor
+        b, (height, width) = batch["image"].shape[0], batch["image"].shape[-2:]
+        rows, cols = height // scale // 2, width // scale // 2  # packed 2x2 latent tokens
+        condition_px = batch["condition"].shape[-1]
+        with torch.device("meta"):
+            model = FluxTransformer2DModel.from_config(config)
+            add_lora(model, rank=hp.lora_rank, alpha=hp.lora_alpha, target_modules=hp.lora_target_modules)
+            dead = set(dead_end_lora_parameters(model, hp.lora_on_target))
+            for name, p in model.named_parameters():
+                if name in dead:
+                    p.requires_grad_(False)
+            inputs = dict(
+                hidden_states=torch.zeros(b, rows * cols, config.in_channels),
+                encoder_hidden_states=torch.zeros(b, hp.max_sequence_length, config.joint_attention_dim),
+                pooled_projections=torch.zeros(b, config.pooled_projection_dim), timestep=torch.zeros(b),
+                img_ids=latent_ids(2 * rows, 2 * cols), txt_ids=torch.zeros(hp.max_sequence_length, 3),
+                guidance=torch.zeros(b) if config.guidance_embeds else None,
+                cond_hidden_states=torch.zeros(b, (condition_px // scale // 2) ** 2, config.in_channels),
+                cond_ids=condition_ids(condition_px, vae_scale_factor=scale, position=hp.condition_position),
+            )
+            with FlopCounterMode(display=False) as counter:
+                corrector_forward(model, attention=hp.attention, lora_on_target=hp.lora_on_target, **inputs).sum().backward()
+        return counter.get_total_flops()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.flops_per_batch is None:
+            self.flops_per_batch = self.count_step_flops(batch)
         loss = self.flow_matching_loss(batch, self._step_generator())
         batch_size = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
