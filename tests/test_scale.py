@@ -129,7 +129,7 @@ def test_deepspeed_config_is_zero2_without_frozen_weights_in_checkpoints():
 
 def test_ddp_config_keeps_gradients_in_the_buckets():
     strategy = instantiate(compose_app("train", "trainer=ddp").trainer.strategy)
-    assert strategy._ddp_kwargs == {"gradient_as_bucket_view": True}
+    assert strategy._ddp_kwargs == {"gradient_as_bucket_view": True} and strategy._start_method == "popen"
     from reflectionflow.models.strategies import shards_parameters
 
     assert not shards_parameters(strategy)
