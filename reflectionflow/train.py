@@ -22,6 +22,15 @@ from reflectionflow.recipes import RecipeError, is_built, mark_built, product_di
 log = logging.getLogger(__name__)
 
 _GPU_ONLY_STRATEGIES = ("deepspeed",)
+_FSDP_STRATEGIES = ("fsdp2strategy", "modelparallelstrategy", "fsdp", "fsdpstrategy")
+
+
+def _deepspeed_stage(strategy) -> int:
+    """The ZeRO stage of a DeepSpeed strategy given as a name (`deepspeed_stage_3_offload`) or an object."""
+    if isinstance(strategy, DictConfig | dict):
+        return int(strategy.get("stage", 2))
+    digits = [part for part in str(strategy).split("_") if part.isdigit()]
+    return int(digits[0]) if digits else 2
 
 
 def _strategy_name(cfg: DictConfig) -> str:
@@ -42,6 +51,18 @@ def check_config(cfg: DictConfig) -> None:
         known = ["auto", *StrategyRegistry.available_strategies()]
         if strategy not in known:
             raise ConfigError(f"trainer.strategy={strategy} is not a Lightning strategy; use one of: {', '.join(known)}")
+    if "deepspeed" in strategy and _deepspeed_stage(cfg.trainer.strategy) == 3:
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 is not supported: Lightning builds the model inside deepspeed.zero.Init, which "
+            "partitions the frozen text encoders and VAE that no engine manages; use trainer=fsdp (FSDP2 shards "
+            "the transformer's weights)"
+        )
+    optimizer = str(cfg.model.get("optimizer", {}).get("_target_", "")) if cfg.model.get("optimizer") else ""
+    if optimizer.startswith("bitsandbytes.") and strategy in _FSDP_STRATEGIES:
+        raise ConfigError(
+            f"optimizer {optimizer} with trainer=fsdp: bitsandbytes' 8-bit states do not support FSDP2's DTensor "
+            "shards; use trainer=ddp with it, or optimizer=prodigy or adamw with trainer=fsdp"
+        )
     if any(name in strategy for name in _GPU_ONLY_STRATEGIES):
         if not torch.cuda.is_available():
             raise ConfigError(
@@ -52,10 +73,30 @@ def check_config(cfg: DictConfig) -> None:
             import deepspeed  # noqa: F401
         except ImportError:
             raise ConfigError("trainer=deepspeed needs DeepSpeed: pip install 'reflectionflow[deepspeed]'") from None
+    text_callbacks = [f"callbacks.{name}=null" for name in ("validation", "validation_metrics")
+                      if cfg.get("callbacks", {}).get(name) is not None]
+    if cfg.data.get("text_embeddings") and text_callbacks:
+        raise ConfigError(
+            "data.text_embeddings: the text encoders are not loaded, and the validation panels and metrics "
+            f"encode new texts; set {' '.join(text_callbacks)}"
+        )
     if cfg.model.get("path"):
         resolve_model_path(cfg.model.path, "model.path")
     if cfg.get("init_lora_path"):
         resolve_lora_path(cfg.init_lora_path, "init_lora_path")
+
+
+def check_text_embedding_settings(cfg: DictConfig, settings: dict) -> None:
+    """Precomputed text embeddings (`data.text_embeddings`) must come from the trained model's encoders, at
+    its T5 length and weight dtype, or training would see other embeddings than inference."""
+    wanted = {"model": cfg.model.get("path"), "max_sequence_length": cfg.model.get("max_sequence_length"),
+              "dtype": cfg.model.get("weight_dtype")}
+    for key, written in settings.items():
+        if wanted[key] is not None and str(written) != str(wanted[key]):
+            raise ConfigError(
+                f"data.text_embeddings={cfg.data.text_embeddings} were written with {key}={written}, but the run "
+                f"trains with {wanted[key]}; write them again with the run's model.{key.replace('dtype', 'weight_dtype')}"
+            )
 
 
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -92,6 +133,7 @@ def train(cfg: DictConfig, extra_callbacks=()):
     datamodule = instantiate(cfg.data)
     if hasattr(datamodule, "check"):
         datamodule.check()  # shard patterns / URLs, before any model loads
+    check_text_embedding_settings(cfg, getattr(datamodule, "text_embedding_settings", {}))
     model = instantiate(cfg.model)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     callbacks += list(extra_callbacks)

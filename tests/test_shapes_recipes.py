@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from helpers.cli import run_cli as run_app
+from PIL import Image
 
 from reflectionflow.models.flow_matching import flow_matching_loss
 

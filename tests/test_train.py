@@ -145,7 +145,7 @@ def test_two_process_training(tmp_path, cache, strategy):
     if strategy == "fsdp":
         overrides = ["trainer=fsdp", *overrides]
     else:
-        overrides = ["trainer=ddp", "trainer.strategy=ddp_fork", *overrides]
+        overrides = ["trainer=ddp", "trainer.strategy.start_method=fork", *overrides]  # the shipped DDP config
     result = run_cli(tmp_path / "run", *overrides, cache=cache)
     assert result.returncode == 0, result.stderr[-4000:]
     run = tmp_path / "run"

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from reflectionflow.data.schedule import SubsetSchedule
 from reflectionflow.data.sources import SKIP_REASONS, check_shards, read_shard
 from reflectionflow.data.stream import GenRefStream
+from reflectionflow.data.text_embeddings import check_text_embeddings
 from reflectionflow.data.transforms import DECODE_ERRORS, DropRates, decode_pair, t5_text, to_model_range
 
 
@@ -49,6 +50,9 @@ class GenRefDataModule(L.LightningDataModule):
         val_shards / num_val_samples: the fixed validation set, the first `num_val_samples` samples of
             `val_shards` (the training shards if None, then not held out), centre-cropped, nothing dropped.
         rank / world_size: override the trainer's (for tests that simulate ranks).
+        text_embeddings: the suffix of precomputed T5/CLIP embeddings beside the (local) shards
+            (`python -m reflectionflow.data.text_embeddings`); batches then carry `t5_embeds` and
+            `pooled_embeds`, and the model loads no text encoders. `check()` fails if a shard has none.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class GenRefDataModule(L.LightningDataModule):
         num_val_samples: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        text_embeddings: str | None = None,
     ):
         super().__init__()
         for name, value, low in (
@@ -107,6 +112,8 @@ class GenRefDataModule(L.LightningDataModule):
         self.num_val_samples = int(num_val_samples)
         self.rank = rank
         self.world_size = world_size
+        self.text_embeddings = text_embeddings
+        self.text_embedding_settings: dict = {}
         self._train: GenRefStream | None = None
         self._val_samples: list[dict[str, Any]] | None = None
         self._batches_consumed = 0
@@ -122,6 +129,8 @@ class GenRefDataModule(L.LightningDataModule):
         urls = check_shards(self.shards)
         if self.val_shards is not None and self.num_val_samples:
             check_shards(self.val_shards)
+        if self.text_embeddings:
+            self.text_embedding_settings = check_text_embeddings(urls, self.text_embeddings)
         return urls
 
     def _trainer_value(self, explicit: Any, attribute: str, default: int) -> int:
@@ -161,6 +170,7 @@ class GenRefDataModule(L.LightningDataModule):
             accumulate_grad_batches=accumulate,
             shuffle_buffer=self.shuffle_buffer,
             queue_size=self.queue_size,
+            text_embeddings=self.text_embeddings,
         )
         self._sync_position()
 

@@ -43,11 +43,13 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from reflectionflow.data.schedule import SubsetSchedule
 from reflectionflow.data.sources import SKIP_REASONS, RawSample, read_shard, stream_shard_order
+from reflectionflow.data.text_embeddings import TextEmbeddingReader
 from reflectionflow.data.transforms import (
     DECODE_ERRORS,
     DropRates,
@@ -65,7 +67,9 @@ class GenRefStream(IterableDataset):
     Each batch is a dict: `image` (B, 3, T, T) and `condition` (B, 3, C, C) uint8 (the DataModule turns them
     into float32 in [-1, 1] after the transfer to the training device); `prompt`
     (CLIP text, always the original prompt), `t5_text` (the T5 text used after drops), `reflection`,
-    `subset`, `key` (lists of str); `meta`: `batch_index`, `stream`, `step`, `skipped` (this stream's
+    `subset`, `key` (lists of str); with precomputed text embeddings (`text_embeddings`, their directory
+    suffix: `reflectionflow.data.text_embeddings`) also `t5_embeds` (B, L, D) and `pooled_embeds` (B, P) of
+    the texts actually used; `meta`: `batch_index`, `stream`, `step`, `skipped` (this stream's
     cumulative skip counts by reason) and `corrupt` (ids of samples found corrupt while making the batch).
     `start_batch` and `known_corrupt` are set by the DataModule before an iterator is created.
     """
@@ -86,6 +90,7 @@ class GenRefStream(IterableDataset):
         accumulate_grad_batches: int,
         shuffle_buffer: int,
         queue_size: int,
+        text_embeddings: str | None = None,
     ):
         super().__init__()
         self.urls = list(urls)
@@ -101,6 +106,7 @@ class GenRefStream(IterableDataset):
         self.accumulate_grad_batches = accumulate_grad_batches
         self.shuffle_buffer = shuffle_buffer
         self.queue_size = queue_size
+        self.text_embeddings = text_embeddings
         self.start_batch = 0
         self.known_corrupt: frozenset[str] = frozenset()
 
@@ -131,6 +137,7 @@ class _Stream:
         self.missing: set[str] = set()
         self.subsets_in_data: frozenset[str] | None = None
         self.queues: dict[str, deque[RawSample]] = {}
+        self.embeddings = TextEmbeddingReader(config.text_embeddings) if config.text_embeddings else None
         raw = self._passes()
         if config.shuffle_buffer > 0:
             rng = random.Random(self._seed(_SHUFFLE))
@@ -263,7 +270,8 @@ class _Stream:
             reflections.append(reflection)
             subsets.append(raw.subset)
             keys.append(raw.key)
-        return {
+        batch = self._text_embeddings([raw for raw, _ in picks], prompts, t5_texts, reflections)
+        return batch | {
             "image": stack_images(images),
             "condition": stack_images(conditions),
             "prompt": prompts,
@@ -279,3 +287,13 @@ class _Stream:
                 "corrupt": new_corrupt,
             },
         }
+
+    def _text_embeddings(self, samples: list[RawSample], prompts, t5_texts, reflections) -> dict:
+        """`t5_embeds` (B, L, D) and `pooled_embeds` (B, P) of the texts the batch uses, when precomputed."""
+        if self.embeddings is None:
+            return {}
+        pairs = [
+            self.embeddings.shard(raw.id[: -len(raw.key) - 1]).lookup(raw.key, prompt, t5, reflection)
+            for raw, prompt, t5, reflection in zip(samples, prompts, t5_texts, reflections, strict=True)
+        ]
+        return {"t5_embeds": torch.stack([t5 for t5, _ in pairs]), "pooled_embeds": torch.stack([p for _, p in pairs])}

@@ -1,4 +1,4 @@
-"""Training callbacks: diffusers-format LoRA snapshots, validation panels, data statistics."""
+"""Training callbacks: diffusers-format LoRA snapshots, validation panels, data statistics, checkpoints."""
 
 from __future__ import annotations
 
@@ -66,7 +66,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class StepCheckpoint(ModelCheckpoint):
     """Lightning's `ModelCheckpoint` every N optimizer steps, plus one when training ends, so a finished
-    run can be extended (`resume=true trainer.max_steps=...`) from exactly where it stopped."""
+    run can be extended (`resume=true trainer.max_steps=...`) from exactly where it stopped.
+
+    With `save_last="link"`, `last.ckpt` is a symbolic link to the newest checkpoint instead of a second
+    copy of it, replaced atomically: a run killed while relinking still has a `last.ckpt` to resume from."""
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            link = Path(linkpath)
+            if link.is_dir() and not link.is_symlink():  # a DeepSpeed directory from an older run
+                shutil.rmtree(link)
+            partial = link.with_name(f".{link.name}.partial")
+            partial.unlink(missing_ok=True)
+            partial.symlink_to(os.path.relpath(filepath, link.parent))
+            os.replace(partial, link)
+        trainer.strategy.barrier()
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last_global_step_saved != trainer.global_step:
@@ -226,21 +241,8 @@ class DataStats(L.Callback):
             pl_module.log_dict(metrics, batch_size=1, reduce_fx="max")
 
 
-class SamplesPerSecond(L.Callback):
-    """Logs training samples per second (all ranks) over the last `window` optimizer steps."""
-
-    def __init__(self, window: int = 10):
-        self.window = window
-        self._marks: list[tuple[float, int]] = []
-        self._samples = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        import time
-
-        first = next(iter(batch.values()))  # batches are dicts of per-sample tensors or lists
-        self._samples += (first.shape[0] if hasattr(first, "shape") else len(first)) * trainer.world_size
-        self._marks.append((time.perf_counter(), self._samples))
-        self._marks = self._marks[-(self.window + 1) :]
-        if len(self._marks) > 1:
-            (t0, s0), (t1, s1) = self._marks[0], self._marks[-1]
-            pl_module.log("train/samples_per_sec", (s1 - s0) / max(t1 - t0, 1e-9), batch_size=1)
+def batch_size(batch: dict) -> int:
+    """Samples in a training batch (dicts of per-sample tensors or lists): Lightning's `ThroughputMonitor`
+    counts samples with it (`callbacks.throughput`)."""
+    first = next(iter(batch.values()))
+    return first.shape[0] if hasattr(first, "shape") else len(first)

@@ -81,11 +81,13 @@ def load_flux_pipeline(
     adapter_name: str = "reflection",
     config_key: str = "model.path",
     lora_weight_name: str = LORA_WEIGHT_NAME,
+    text_encoders: bool = True,
 ):
     """Load a `FluxPipeline` (optionally with a LoRA adapter) from a hub id, a local directory or `tiny`.
 
     A LoRA given as a hub id is read from its `lora_weight_name` file: diffusers cannot guess the file
-    name offline (`HF_HUB_OFFLINE`), even when the repository is cached."""
+    name offline (`HF_HUB_OFFLINE`), even when the repository is cached. `text_encoders=False` leaves out
+    CLIP, T5 and their tokenizers (training on precomputed embeddings)."""
     from diffusers import FluxPipeline
 
     if isinstance(dtype, str):
@@ -93,7 +95,7 @@ def load_flux_pipeline(
     resolved = resolve_model_path(path, config_key)
     lora = resolve_lora_path(lora_path) if lora_path else None
     try:
-        pipe = FluxPipeline.from_pretrained(resolved, torch_dtype=dtype)
+        pipe = FluxPipeline.from_pretrained(resolved, torch_dtype=dtype, **_without_text_encoders(text_encoders))
     except OSError as err:
         raise ModelNotFoundError(f"cannot read FLUX pipeline at {resolved!r}: {err}; set {config_key}=...") from None
     pipe.set_progress_bar_config(disable=True)
@@ -101,3 +103,10 @@ def load_flux_pipeline(
         weight_name = lora_weight_name if not Path(lora).exists() else None
         pipe.load_lora_weights(lora, weight_name=weight_name, adapter_name=adapter_name)
     return pipe.to(device)
+
+
+def _without_text_encoders(text_encoders: bool) -> dict:
+    """`from_pretrained` arguments that skip loading the text encoders and tokenizers."""
+    if text_encoders:
+        return {}
+    return dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)

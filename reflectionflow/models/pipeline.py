@@ -3,7 +3,7 @@ search engine drives.
 
 Without an image it is plain FLUX text-to-image (LoRA off), sampling exactly like `FluxPipeline`; with an
 image it regenerates from the flawed image, the prompt and a reflection. Text embeddings are memoised per
-(CLIP text, T5 text); in `causal` mode the condition's keys/values are computed once per (image, prompt)
+(CLIP text, T5 text) in a bounded CPU cache; in `causal` mode the condition's keys/values are computed once per (image, prompt)
 and reused for every step and chain.
 """
 
@@ -83,7 +83,7 @@ class ReflectionFluxPipeline:
         max_sequence_length: int = 512,
         corrector_max_sequence_length: int | None = None,
         micro_batch: int = 8,
-        text_cache_size: int = 4096,
+        text_cache_size: int = 256,
     ):
         check_option("attention", attention, ATTENTION_MODES)
         check_option("condition_position", condition_position, CONDITION_POSITIONS)
@@ -102,8 +102,11 @@ class ReflectionFluxPipeline:
         # longer one than the base model; FLUX masks no padding, so each must see its training length.
         self.corrector_max_sequence_length = corrector_max_sequence_length or max_sequence_length
         self.micro_batch = micro_batch
+        if text_cache_size < 0:
+            raise ValueError(f"text_cache_size must be >= 0, got {text_cache_size}")
         self._text_cache: OrderedDict[tuple[str, str, int], TextEmbedding] = OrderedDict()
         self._text_cache_size = text_cache_size
+        self._cpu_offload = False
 
     @classmethod
     def with_settings(cls, flux, settings: CorrectorSettings, **kwargs) -> ReflectionFluxPipeline:
@@ -152,7 +155,29 @@ class ReflectionFluxPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        """Where the computation runs (with CPU offload: the accelerator, while the weights rest on the CPU)."""
+        return self.flux._execution_device if self._cpu_offload else self.transformer.device
+
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
+        """diffusers' model CPU offload: the weights stay in CPU memory and each component (text encoders,
+        transformer, VAE) moves to `device` while it runs, so FLUX.1-dev samples on a ~24 GB card.
+
+        The corrector runs the transformer's blocks, not its `forward`, which is where the offload hook
+        moves it; the pipeline calls the hook itself (`_transformer_to_device`), as diffusers' VAE does for
+        `encode`/`decode`."""
+        self.flux.enable_model_cpu_offload(device=device)
+        self._cpu_offload = True
+
+    def _transformer_to_device(self) -> None:
+        """With CPU offload: move the transformer in (and the component used before it out)."""
+        if self._cpu_offload:
+            self.transformer._hf_hook.pre_forward(self.transformer)
+
+    def compile_transformer(self, **options) -> None:
+        """`torch.compile` each transformer block (the corrector calls the blocks, not the transformer's
+        `forward`); the condition stream's own steps stay eager. `options` go to `torch.compile`."""
+        for block in [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]:
+            block.compile(**options)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -170,10 +195,16 @@ class ReflectionFluxPipeline:
     def encode_text(
         self, clip_texts: list[str], t5_texts: list[str], max_sequence_length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, D) T5 and (B, P) pooled CLIP embeddings, memoised per (CLIP text, T5 text, length)."""
+        """(B, L, D) T5 and (B, P) pooled CLIP embeddings on the pipeline's device, memoised per (CLIP text,
+        T5 text, length) in a least-recently-used cache of `text_cache_size` entries kept in CPU memory.
+
+        An entry is 4 MiB at 512 x 4096 bf16, and reflections are new in every chain and round, so a large
+        cache on the GPU would fill it with texts that never come back; the prompts' entries, reused by
+        every chain and round, are the hits, and copying them to the device costs far less than T5-XXL."""
         length = max_sequence_length or self.max_sequence_length
         keys = [(clip, t5, length) for clip, t5 in zip(clip_texts, t5_texts, strict=True)]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
+        entries = {k: self._text_cache[k] for k in dict.fromkeys(keys) if k in self._text_cache}
+        missing = [k for k in dict.fromkeys(keys) if k not in entries]
         if missing:
             t5, pooled, _ = self.flux.encode_prompt(
                 prompt=[k[0] for k in missing],
@@ -182,13 +213,15 @@ class ReflectionFluxPipeline:
                 max_sequence_length=length,
             )
             for i, key in enumerate(missing):
-                self._text_cache[key] = TextEmbedding(t5[i], pooled[i])
-        for key in keys:
+                entries[key] = TextEmbedding(t5[i].cpu(), pooled[i].cpu())
+        for key in dict.fromkeys(keys):
+            self._text_cache[key] = entries[key]
             self._text_cache.move_to_end(key)
         while len(self._text_cache) > self._text_cache_size:
             self._text_cache.popitem(last=False)
-        entries = [self._text_cache[k] for k in keys]
-        return torch.stack([e.t5 for e in entries]), torch.stack([e.pooled for e in entries])
+        t5 = torch.stack([entries[k].t5 for k in keys]).to(self.device, non_blocking=True)
+        pooled = torch.stack([entries[k].pooled for k in keys]).to(self.device, non_blocking=True)
+        return t5, pooled
 
     @torch.no_grad()
     def encode_condition(self, images: list[Image.Image]) -> torch.Tensor:
@@ -298,6 +331,7 @@ class ReflectionFluxPipeline:
             lora_off = lora_layers(self.transformer)
 
         latents = noise
+        self._transformer_to_device()
         with lora_disabled(lora_off):
             for t in scheduler.timesteps:
                 hidden = torch.cat([latents, latents]) if cfg else latents
@@ -316,6 +350,7 @@ class ReflectionFluxPipeline:
         unique = list(dict.fromkeys(keys))
         first = {key: keys.index(key) for key in unique}
         latents = self.encode_condition([conditions[first[k]] for k in unique])
+        self._transformer_to_device()
         ids = condition_ids(self.condition_size, device=self.device, dtype=self.dtype,
                             vae_scale_factor=self.flux.vae_scale_factor, position=self.condition_position)
         index = torch.tensor([unique.index(k) for k in keys], device=self.device)

@@ -151,6 +151,8 @@ class FluxGenerator:
     settings (`attention`, `lora_on_target`, `condition_size`, `condition_position`,
     `corrector_max_sequence_length`) and the base model default to those the LoRA carries
     (`models.settings`); None = take the LoRA's, a value that contradicts them fails before loading.
+    `text_cache_size` bounds the pipeline's CPU cache of text embeddings (entries, 4 MiB each at 512 T5
+    tokens in bf16).
     """
 
     def __init__(
@@ -172,6 +174,9 @@ class FluxGenerator:
         max_sequence_length: int = 512,
         corrector_max_sequence_length: int | None = None,
         lora_weight_name: str = LORA_WEIGHT_NAME,
+        text_cache_size: int = 256,
+        cpu_offload: bool = False,
+        compile: bool = False,
     ):
         from reflectionflow.models.pipeline import ReflectionFluxPipeline
 
@@ -195,17 +200,28 @@ class FluxGenerator:
             model_path,
             lora_path,
             dtype=dtype,
-            device=device,
+            device="cpu" if cpu_offload else device,
             lora_weight_name=lora_weight_name,
             settings=settings,
             micro_batch=micro_batch,
             max_sequence_length=max_sequence_length,
+            text_cache_size=text_cache_size,
         )
+        self._accelerate(device, cpu_offload, compile)
         self.height, self.width = height, width
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.true_cfg_scale = true_cfg_scale
         self.micro_batch = micro_batch
+
+    def _accelerate(self, device: str, cpu_offload: bool, compile: bool) -> None:
+        """`cpu_offload`: weights rest in CPU memory and each component runs on `device` in turn (FLUX.1-dev
+        on a ~24 GB card, slower); `compile`: `torch.compile` of the transformer blocks (the first images
+        of each kind, base / corrector / causal, pay the compilation)."""
+        if cpu_offload:
+            self.pipeline.enable_model_cpu_offload(device)
+        if compile:
+            self.pipeline.compile_transformer()
 
     def initial_noise(self, seed: int) -> torch.Tensor:
         return self.pipeline.initial_noise(seed, self.height, self.width)
