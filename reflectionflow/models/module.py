@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from reflectionflow.config import check_option
+from reflectionflow.config import ConfigError, check_option
 from reflectionflow.models.corrector import (
     ATTENTION_MODES,
     CONDITION_POSITIONS,
@@ -24,6 +24,7 @@ from reflectionflow.models.corrector import (
     latent_ids,
 )
 from reflectionflow.models.flow_matching import flow_matching_loss
+from reflectionflow.models.latent_cache import LatentCache
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict
 from reflectionflow.models.optim import build_optimizers, effective_lr
 from reflectionflow.models.pipeline import encode_images, quiet_prompt_truncation
@@ -60,6 +61,7 @@ class ReflectionTuningModule(L.LightningModule):
         timestep_std: float = 1.0,
         max_sequence_length: int = 512,
         sample_latents: bool = True,
+        cache_latents: bool = False,
         gradient_checkpointing: bool = False,
         text_embeddings: str | None = None,
         concurrent_loads: int | None = None,
@@ -70,6 +72,9 @@ class ReflectionTuningModule(L.LightningModule):
         super().__init__()
         check_option("model.attention", attention, ATTENTION_MODES)  # before FLUX is loaded
         check_option("model.condition_position", condition_position, CONDITION_POSITIONS)
+        if cache_latents and sample_latents:
+            raise ConfigError("model.cache_latents needs model.sample_latents=false: sampled latents differ "
+                              "every step, so there is nothing to reuse")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -77,6 +82,7 @@ class ReflectionTuningModule(L.LightningModule):
         self.pipe = None  # the FluxPipeline; its transformer is registered as `self.transformer`
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor (FLOP/s, MFU)
         self._micro_step = (-1, 0)  # (global step, micro-batch within it)
+        self.latent_cache = LatentCache() if cache_latents else None
 
     # ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -145,10 +151,15 @@ class ReflectionTuningModule(L.LightningModule):
         batch's precomputed ones, `data.text_embeddings`).
 
         Latents are VAE samples (FLUX's VAE), or the posterior mode with `sample_latents=False` for a VAE
-        trained without sampling (the shapes VAE: its posterior std is ~1, noise as large as the signal)."""
+        trained without sampling (the shapes VAE: its posterior std is ~1, noise as large as the signal),
+        then with `cache_latents` each distinct image is encoded once (`models.latent_cache`)."""
         vae, sample = self.pipe.vae, self.hparams.sample_latents
-        target = encode_images(vae, batch["image"].to(self.device), generator=generator, sample=sample)
-        condition = encode_images(vae, batch["condition"].to(self.device), generator=generator, sample=sample)
+        if self.latent_cache is not None:  # the posterior mode of images seen before, from the cache
+            target = self.latent_cache.encode(vae, batch["image"].to(self.device))
+            condition = self.latent_cache.encode(vae, batch["condition"].to(self.device))
+        else:
+            target = encode_images(vae, batch["image"].to(self.device), generator=generator, sample=sample)
+            condition = encode_images(vae, batch["condition"].to(self.device), generator=generator, sample=sample)
         if "t5_embeds" in batch:  # precomputed (data.text_embeddings)
             t5, pooled = batch["t5_embeds"].to(self.device), batch["pooled_embeds"].to(self.device)
         elif self.pipe.text_encoder_2 is None:

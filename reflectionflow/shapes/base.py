@@ -22,6 +22,7 @@ import torch
 
 from reflectionflow.models.corrector import latent_ids
 from reflectionflow.models.flow_matching import flow_matching_loss
+from reflectionflow.models.latent_cache import LatentCache
 from reflectionflow.models.optim import build_optimizers
 from reflectionflow.models.pipeline import ReflectionFluxPipeline, encode_images, quiet_prompt_truncation
 from reflectionflow.models.tiny import clip_text_encoder, flux_dev_scheduler
@@ -84,27 +85,6 @@ def sample_accuracy(
     judged = judge(heldout_eval_set(n_per_category, seed), samples, batch)
     accuracy, per_tag = accuracy_by_category(judged)
     return {"accuracy": accuracy, "per_tag": per_tag}, judged
-
-
-class LatentCache:
-    """Packed latents by pool index, kept on the CPU (a 48 px image is 9 x 64 floats: 64k examples ~150 MB).
-    Not checkpointed: encoding is deterministic, so a resumed run refills it with the same values."""
-
-    def __init__(self):
-        self._rows: dict[int, torch.Tensor] = {}
-
-    def __contains__(self, key: int) -> bool:
-        return key in self._rows
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def add(self, keys: list[int], latents: torch.Tensor) -> None:
-        for key, row in zip(keys, latents.detach().cpu(), strict=True):
-            self._rows[key] = row
-
-    def get(self, keys: list[int]) -> torch.Tensor:
-        return torch.stack([self._rows[key] for key in keys])
 
 
 class TextToImageModule(L.LightningModule):
@@ -179,16 +159,10 @@ class TextToImageModule(L.LightningModule):
     @torch.no_grad()
     def latents(self, batch: dict) -> torch.Tensor:
         """Packed VAE latents of the batch's images (the mode: the VAE was trained without sampling); with
-        `cache_latents`, each pool example (`key`) is encoded once and reused in later epochs."""
+        `cache_latents`, each image of a fixed pool is encoded once and reused in later epochs."""
         if self.latent_cache is None:
             return encode_images(self.pipe.vae, batch["image"])
-        if "key" not in batch:
-            raise ValueError("model.cache_latents needs samples keyed by pool index: set data.pool_size")
-        keys = batch["key"].tolist()
-        missing = [i for i, key in enumerate(keys) if key not in self.latent_cache]
-        if missing:
-            self.latent_cache.add([keys[i] for i in missing], encode_images(self.pipe.vae, batch["image"][missing]))
-        return self.latent_cache.get(keys).to(self.device)
+        return self.latent_cache.encode(self.pipe.vae, batch["image"])
 
     @torch.no_grad()
     def export(self, path: Path) -> None:

@@ -7,7 +7,7 @@ that satisfies a held-out prompt always keeps its short prompt.
 
 With `pool_size` the stream cycles through a fixed pool of that many examples instead (a fresh shuffle per
 epoch); each sample carries its pool index as `key`, so a trainer can cache per-example work such as VAE
-latents (`TextToImageModule(cache_latents=True)`)."""
+latents (`TextToImageModule(cache_latents=True)`), the images of one index being the same each time."""
 
 from __future__ import annotations
 
