@@ -2,7 +2,7 @@
 
 A train experiment with a `recipe:` node (`name`, expected `minutes` on 2 CPU cores) exports its product (the
 module's `export(dir)`) to `<cache_dir>/recipes/<name>-<hash>/`, the hash taken over everything that shapes
-the weights (model, data, trainer, callbacks, seed and `RECIPE_VERSION`); a second run with the same config
+the weights (model, data, trainer, weight-averaging callbacks, seed and `RECIPE_VERSION`); a second run with the same config
 trains nothing. Other configs name a product by the plain string `recipe://<name>[/<path inside>]`, so
 `--cfg job`, `--help` and `--info` show the reference and train nothing. An app resolves the references of
 its config before it loads any model (`resolve_references`): each missing product is announced in one line
@@ -70,16 +70,26 @@ def recipes_dir() -> Path:
     return cache_dir() / "recipes"
 
 
+def weight_shaping_callbacks(callbacks: dict[str, Any]) -> dict[str, Any]:
+    """The callbacks that change the trained weights (Lightning's weight averaging, e.g. EMA): the only
+    ones a product's key holds, so a logging callback (learning rate, throughput) never invalidates one."""
+    from hydra.utils import get_class
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    return {name: node for name, node in callbacks.items()
+            if node and issubclass(get_class(node["_target_"]), WeightAveraging)}
+
+
 def product_dir(cfg: DictConfig) -> Path | None:
     """Where a train config's product goes, or None for a run without `recipe`; references resolved."""
     recipe = cfg.get("recipe")
     if not recipe:
         return None
-    keyed = {  # everything that shapes the weights, callbacks included (weight averaging)
+    keyed = {  # everything that shapes the weights
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
-        "callbacks": OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True),
+        "callbacks": weight_shaping_callbacks(OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True)),
         "seed": cfg.get("seed"),
         "version": RECIPE_VERSION,
     }

@@ -94,6 +94,10 @@ def test_a_new_recipe_version_keys_a_new_product(monkeypatch, compose_config):
     cfg = compose_config("train", "experiment=shapes_vae")
     before = recipes.product_dir(cfg)
     assert before.name.startswith("shapes_vae-") and recipes.product_dir(cfg) == before
+    logging_only = compose_config("train", "experiment=shapes_vae", "callbacks.lr_monitor=null")
+    assert recipes.product_dir(logging_only) == before  # a callback that logs does not shape the weights
+    ema = "+callbacks.ema={_target_:lightning.pytorch.callbacks.EMAWeightAveraging,decay:0.99}"
+    assert recipes.product_dir(compose_config("train", "experiment=shapes_vae", ema)) != before
     monkeypatch.setattr(recipes, "RECIPE_VERSION", recipes.RECIPE_VERSION + 1)
     assert recipes.product_dir(cfg) != before
 
