@@ -1,8 +1,9 @@
 """Contact sheets: images in a grid, each enlarged to a readable size with its caption wrapped beneath it,
 dark text on white (a search's chains x rounds, validation panels, the shapes recipes' sample sheets).
 
-A sheet carries its title and captions as PNG text (`png_bytes`; `Image.open(path).text` reads them back),
-so what a sheet shows can be searched and checked without reading pixels."""
+A sheet carries its title, row and column labels and captions as PNG text (`png_bytes`;
+`Image.open(path).text` reads them back), so what a sheet shows can be searched and checked without
+reading pixels."""
 
 from __future__ import annotations
 
@@ -75,14 +76,17 @@ def contact_sheet(
             for k, text in enumerate(lines):
                 draw.text((x0, y0 + cell + 2 + k * line), text, fill=(0, 0, 0), font=font)
     sheet.info["Title"] = title or ""
+    sheet.info["Rows"] = " | ".join(row_labels or [])
+    sheet.info["Columns"] = " | ".join(column_labels or [])
     sheet.info["Description"] = "\n\n".join(caption for row in rows for _, caption in row if caption)
     return sheet
 
 
 def png_bytes(sheet: Image.Image) -> bytes:
-    """The sheet as PNG with its title and captions (`contact_sheet` keeps them in `sheet.info`) as text."""
+    """The sheet as PNG with its title, labels and captions (`contact_sheet` keeps them in `sheet.info`)
+    as text."""
     text = PngInfo()
-    for key in ("Title", "Description"):
+    for key in ("Title", "Rows", "Columns", "Description"):
         if sheet.info.get(key):
             text.add_itxt(key, sheet.info[key])
     buffer = io.BytesIO()
