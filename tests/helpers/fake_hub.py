@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import yaml
+
 SHA = "0" * 40
 
 
@@ -136,6 +138,13 @@ class FakeHub:
             repo = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
             self.repos.setdefault(f"{request.get('type') or 'model'}s/{repo}", {})
             return self._json(handler, {"url": f"{self.endpoint}/{repo}", "name": repo})
+        if path == "/api/validate-yaml" and method == "POST":  # the hub checks a README's front matter
+            content = json.loads(body)["content"]
+            try:
+                yaml.safe_load(content.split("---")[1])
+            except (IndexError, yaml.YAMLError) as err:
+                return self._json(handler, {"errors": [{"message": str(err)}], "warnings": []}, status=400)
+            return self._json(handler, {"errors": [], "warnings": []})
         if match := re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/preupload/([^/]+)", path):
             files = json.loads(body)["files"]
             return self._json(handler, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
