@@ -23,6 +23,16 @@ from reflectionflow.recipes import RecipeError, is_built, mark_built, product_di
 
 log = logging.getLogger(__name__)
 
+
+def run_name(run_dir: str) -> str:
+    """A run's name from its directory: the directory's name, with the sweep's for a multirun job (whose
+    directory is its job number)."""
+    path = Path(run_dir)
+    return f"{path.parent.name}-{path.name}" if path.name.isdigit() else path.name
+
+
+OmegaConf.register_new_resolver("rf.run_name", run_name, replace=True)  # conf/train/logger/wandb.yaml
+
 _GPU_ONLY_STRATEGIES = ("deepspeed",)
 _FSDP_STRATEGIES = ("fsdp2strategy", "modelparallelstrategy", "fsdp", "fsdpstrategy")
 
@@ -163,7 +173,7 @@ def closing_block(trainer, run_dir: Path, product: Path | None) -> str:
             places["logs"] = Path(logger.log_dir) / "metrics.csv"
         elif isinstance(logger, WandbLogger):
             run = logger.experiment
-            places["W&B"] = run.url or Path(run.dir).parent  # offline: the run folder to `wandb sync`
+            places["W&B"] = Path(run.dir).parent if run.offline else run.url  # offline: the folder to `wandb sync`
     for label, place in places.items():
         if isinstance(place, str):
             lines.append(f"  {label:<11}{place}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import sys
 from abc import ABC, abstractmethod
@@ -145,6 +147,26 @@ class LoraSnapshots(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "final")
+        if trainer.is_global_zero:
+            log_lora_artifact(trainer, _run_dir(trainer) / self.dirname / "final")
+
+
+def log_lora_artifact(trainer: L.Trainer, lora_dir: Path) -> None:
+    """The LoRA directory as a W&B model artifact of each W&B run (`<run name>-lora`, aliases `final` and
+    `step-N`, its `reflectionflow.json` as metadata), so a run's weights are found from its page."""
+    from reflectionflow.models.settings import SETTINGS_FILE
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            run = logger.experiment
+            settings = lora_dir / SETTINGS_FILE
+            metadata = json.loads(settings.read_text()) if settings.is_file() else {}
+            artifact = wandb.Artifact(f"{re.sub(r'[^A-Za-z0-9_.-]', '-', run.name)}-lora", type="model",
+                                      metadata=metadata | {"step": trainer.global_step})
+            artifact.add_dir(str(lora_dir))
+            run.log_artifact(artifact, aliases=["final", f"step-{trainer.global_step}"])
 
 
 class ValidationPanels(EveryNSteps):
