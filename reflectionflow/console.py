@@ -24,9 +24,15 @@ NOISY_RECORDS = (
     ("transformers.utils.import_utils", "`CLIPImageProcessor` requires torchvision (not installed)"),
     ("transformers.utils.import_utils", "`SiglipImageProcessor` requires torchvision (not installed)"),
     # diffusers' encode_prompt tokenizes once untruncated to report what CLIP's 77 positions cut off
-    ("transformers.tokenization_utils_base", "Token indices sequence length is longer than the specified maximum"),
+    (
+        "transformers.tokenization_utils_base",
+        "Token indices sequence length is longer than the specified maximum",
+    ),
     # FluxPipeline.load_lora_weights looks for text-encoder LoRA keys, which a corrector LoRA never has
-    ("diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'"),
+    (
+        "diffusers.loaders.lora_base",
+        "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'",
+    ),
 )
 # (category, the start of the message) of warnings raised inside third-party code, not by our calls
 NOISY_WARNINGS = (

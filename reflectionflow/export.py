@@ -28,18 +28,32 @@ HUB_DATASET = "hf://datasets/"
 VALIDATION_FIGURE = "images/validation.png"
 TAGS = ["text-to-image", "image-to-image", "diffusers", "lora", "flux", "reflectionflow"]
 # FLUX.1-dev's licence, which its LoRAs carry on the hub (diffusers' FLUX training scripts write the same)
-LICENCES = {"black-forest-labs/FLUX.1-dev": {
-    "license": "other", "license_name": "flux-1-dev-non-commercial-license",
-    "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"}}
+LICENCES = {
+    "black-forest-labs/FLUX.1-dev": {
+        "license": "other",
+        "license_name": "flux-1-dev-non-commercial-license",
+        "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+    }
+}
 # (label, key in the run's saved config) of the training settings the card lists
 TRAINING_SETTINGS = [
-    ("steps", "trainer.max_steps"), ("batch size per device", "data.batch_size"), ("devices", "trainer.devices"),
-    ("nodes", "trainer.num_nodes"), ("gradient accumulation", "trainer.accumulate_grad_batches"),
-    ("precision", "trainer.precision"), ("strategy", "trainer.strategy"), ("optimizer", "model.optimizer._target_"),
-    ("learning rate", "model.optimizer.lr"), ("LoRA rank", "model.lora_rank"), ("LoRA targets", "model.lora_target_modules"),
-    ("attention", "model.attention"), ("target size", "data.target_size"), ("condition size", "data.condition_size"),
-    ("drops (text / image / reflection)", None), ("seed", "seed"),
+    ("steps", "trainer.max_steps"),
+    ("batch size per device", "data.batch_size"),
+    ("devices", "trainer.devices"),
+    ("nodes", "trainer.num_nodes"),
+    ("gradient accumulation", "trainer.accumulate_grad_batches"),
+    ("precision", "trainer.precision"),
+    ("strategy", "trainer.strategy"),
+    ("optimizer", "model.optimizer._target_"),
+    ("learning rate", "model.optimizer.lr"),
+    ("LoRA rank", "model.lora_rank"),
+    ("LoRA targets", "model.lora_target_modules"),
+    ("attention", "model.attention"),
+    ("target size", "data.target_size"),
+    ("condition size", "data.condition_size"),
+    ("seed", "seed"),
 ]
+DROPS = ("text", "image", "reflection")  # data.drop_<kind>
 
 
 class ExportError(ValueError):
@@ -63,8 +77,9 @@ def training_data(config) -> tuple[list[str], str]:
     if isinstance(shards, dict):  # built by a function, e.g. the tiny run's synthetic shards
         return [], f"`{shards.get('_target_', 'generated')}` shards"
     patterns = [shards] if isinstance(shards, str) else list(shards or [])
-    datasets = sorted({"/".join(p.removeprefix(HUB_DATASET).split("/")[:2]) for p in patterns
-                       if p.startswith(HUB_DATASET)})
+    datasets = sorted(
+        {"/".join(p.removeprefix(HUB_DATASET).split("/")[:2]) for p in patterns if p.startswith(HUB_DATASET)}
+    )
     return datasets, ", ".join(f"`{p}`" for p in patterns)
 
 
@@ -77,17 +92,25 @@ def model_card(lora_dir: Path, repo_id: str, run: Path | None) -> str:
     """The README.md of the pushed LoRA (see the module docstring)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    settings = json.loads((lora_dir / SETTINGS_FILE).read_text()) if (lora_dir / SETTINGS_FILE).is_file() else None
+    settings = (
+        json.loads((lora_dir / SETTINGS_FILE).read_text()) if (lora_dir / SETTINGS_FILE).is_file() else None
+    )
     config = OmegaConf.load(run / ".hydra" / "config.yaml") if run is not None else None
     base = _setting(config, "model.path") if config is not None else None
     hub_base = base if isinstance(base, str) and base.count("/") == 1 and not Path(base).exists() else None
     datasets, data = training_data(config) if config is not None else ([], None)
-    front = ModelCardData(base_model=hub_base, library_name="diffusers", tags=TAGS, datasets=datasets or None,
-                          **LICENCES.get(hub_base, {}))
+    front = ModelCardData(
+        base_model=hub_base,
+        library_name="diffusers",
+        tags=TAGS,
+        datasets=datasets or None,
+        **LICENCES.get(hub_base, {}),
+    )
+    base_named = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{base}`"
     lines = [
         f"# {repo_id.split('/')[-1]}: a ReflectionFlow corrector LoRA",
         "",
-        f"A reflection-tuned corrector LoRA for {f'[{hub_base}](https://huggingface.co/{hub_base})' if hub_base else f'`{base}`'}: "
+        f"A reflection-tuned corrector LoRA for {base_named}: "
         "given a flawed image, its prompt and a reflection saying what to fix, FLUX generates the corrected "
         "image (*From Reflection to Perfection: Scaling Inference-Time Optimization for Text-to-Image "
         "Diffusion Models via Reflection Tuning*, ReflectionFlow, ICCV 2025). Trained with reflectionflow.",
@@ -105,34 +128,54 @@ def model_card(lora_dir: Path, repo_id: str, run: Path | None) -> str:
         "condition stream that reads the flawed image is reflectionflow's (`corrector_forward`).",
     ]
     if settings is not None:
-        lines += ["", f"## Sampling settings (`{SETTINGS_FILE}`)", "", "```json", json.dumps(settings, indent=2), "```"]
+        lines += [
+            "",
+            f"## Sampling settings (`{SETTINGS_FILE}`)",
+            "",
+            "```json",
+            json.dumps(settings, indent=2),
+            "```",
+        ]
     if config is not None:
         lines += ["", "## Training", "", f"- data: {data}", f"- base model: `{base}`"]
         for label, key in TRAINING_SETTINGS:
-            if key is None:
-                drops = [_setting(config, f"data.drop_{k}") for k in ("text", "image", "reflection")]
-                value = None if all(d is None for d in drops) else " / ".join(str(d) for d in drops)
-            else:
-                value = _setting(config, key)
+            value = _setting(config, key)
             if value is not None:
                 lines.append(f"- {label}: `{value}`")
+        drops = [_setting(config, f"data.drop_{kind}") for kind in DROPS]
+        if any(drop is not None for drop in drops):
+            lines.append(f"- drops ({' / '.join(DROPS)}): `{' / '.join(str(drop) for drop in drops)}`")
         sheet = last_validation_sheet(run)
         if sheet is not None:
-            lines += ["", "## Validation", "",
-                      f"Held-out samples at step {int(sheet.stem.removeprefix('step-'))}: flawed | corrected | "
-                      "target, captioned with their prompt and reflection.", "", f"![validation]({VALIDATION_FIGURE})"]
+            lines += [
+                "",
+                "## Validation",
+                "",
+                f"Held-out samples at step {int(sheet.stem.removeprefix('step-'))}: flawed | corrected | "
+                "target, captioned with their prompt and reflection.",
+                "",
+                f"![validation]({VALIDATION_FIGURE})",
+            ]
     return str(ModelCard(f"---\n{front.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
-def push(lora_dir: str | os.PathLike, repo_id: str, *, private: bool = False, run: str | os.PathLike | None = None,
-         commit_message: str = "Upload a ReflectionFlow corrector LoRA") -> str:
+def push(
+    lora_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    run: str | os.PathLike | None = None,
+    commit_message: str = "Upload a ReflectionFlow corrector LoRA",
+) -> str:
     """Create `repo_id` (if missing) and upload the LoRA directory with its model card and figures;
     returns the commit's URL."""
     from huggingface_hub import HfApi
 
     token = os.environ.get("HF_TOKEN")
     if not token:
-        raise ExportError("HF_TOKEN is not set: pushing to the hub needs a write token (export HF_TOKEN=hf_...)")
+        raise ExportError(
+            "HF_TOKEN is not set: pushing to the hub needs a write token (export HF_TOKEN=hf_...)"
+        )
     try:
         lora = Path(resolve_lora_path(lora_dir, "<lora dir>"))
     except ModelNotFoundError as err:
@@ -141,7 +184,9 @@ def push(lora_dir: str | os.PathLike, repo_id: str, *, private: bool = False, ru
         raise ExportError(f"{lora} is not a LoRA directory (lora/final of a training run)")
     run_dir = Path(run) if run is not None else run_dir_of(lora)
     if run_dir is not None and not (run_dir / ".hydra" / "config.yaml").is_file():
-        raise ExportError(f"--run {run_dir}: no .hydra/config.yaml there, so it is not a training run directory")
+        raise ExportError(
+            f"--run {run_dir}: no .hydra/config.yaml there, so it is not a training run directory"
+        )
     with tempfile.TemporaryDirectory() as staging:
         stage = Path(staging)
         for path in lora.iterdir():
@@ -159,7 +204,9 @@ def push(lora_dir: str | os.PathLike, repo_id: str, *, private: bool = False, ru
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m reflectionflow.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m reflectionflow.export", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     upload = commands.add_parser("push", help="upload a LoRA directory with a model card to the hub")
     upload.add_argument("lora_dir", help="the LoRA directory, e.g. outputs/train/<run>/lora/final")

@@ -212,13 +212,14 @@ def closing_block(result: dict[str, Any], path: Path) -> str:
     """The job's last console lines: what it achieved and spent, and where its result and images are."""
     spent = result["budget"]
     calls = " / ".join(f"{spent[role]['calls']} {role}" for role in ("verifier", "reflector", "refiner"))
+    prompts = f"{result['prompts']} prompt{'' if result['prompts'] == 1 else 's'}"
     lines = [
-        f"{result['prompts']} prompt{'' if result['prompts'] == 1 else 's'}: mean score {_rounded(result['mean_score'], '.3f')}, accuracy "
-        f"{_rounded(result['accuracy'], '.1%')}; {spent['images']} images, {spent['nfe']} NFE, {calls} calls",
+        f"{prompts}: mean score {_rounded(result['mean_score'], '.3f')}, "
+        f"accuracy {_rounded(result['accuracy'], '.1%')}; {spent['images']} images, {spent['nfe']} NFE, {calls} calls",
     ]
     for nested in result.get("budgets") or []:
-        lines.append(f"  budget {nested['search_budget']:<4} mean score {_rounded(nested['mean_score'], '.3f')}, "
-                     f"accuracy {_rounded(nested['accuracy'], '.1%')}")
+        score, accuracy = _rounded(nested["mean_score"], ".3f"), _rounded(nested["accuracy"], ".1%")
+        lines.append(f"  budget {nested['search_budget']:<4} mean score {score}, accuracy {accuracy}")
     lines += [f"  result     {shown_path(path)}",
               f"  images     {shown_path(path.parent)}/<prompt>/: samples/0000.png (GenEval's layout), "
               f"{SHEET_FILE} (the search)"]

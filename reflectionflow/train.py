@@ -161,7 +161,7 @@ def train(cfg: DictConfig, extra_callbacks=()):
 
 
 def closing_block(trainer, run_dir: Path, product: Path | None) -> str:
-    """The run's last console lines: where its LoRA, last checkpoint, validation panels and logs are."""
+    """The run's last console lines: where its LoRA, last checkpoint, validation sheets and logs are."""
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     lines = [f"trained {trainer.global_step} steps into {shown_path(run_dir)}"]
@@ -173,7 +173,7 @@ def closing_block(trainer, run_dir: Path, product: Path | None) -> str:
             places["logs"] = Path(logger.log_dir) / "metrics.csv"
         elif isinstance(logger, WandbLogger):
             run = logger.experiment
-            places["W&B"] = Path(run.dir).parent if run.offline else run.url  # offline: the folder to `wandb sync`
+            places["W&B"] = Path(run.dir).parent if run.offline else run.url  # offline: for `wandb sync`
     for label, place in places.items():
         if isinstance(place, str):
             lines.append(f"  {label:<11}{place}")

@@ -162,7 +162,8 @@ def test_plot_has_standard_errors_from_the_per_prompt_results(sweep):
     assert standard_error([0.5]) is None  # one prompt: no spread to measure
 
     figure = plot_scaling(rows)
-    assert figure.get_suptitle().startswith("2 prompts.") and "chosen on these same prompts" in figure.get_suptitle()
+    title = figure.get_suptitle()
+    assert title.startswith("2 prompts.") and "chosen on these same prompts" in title
     for ax, (metric, x_key) in zip(figure.axes, [("mean_score", "images"), ("mean_score", "nfe"),
                                                  ("accuracy", "images"), ("accuracy", "nfe")], strict=True):
         lines = scaling_lines(rows, metric, x_key)

@@ -11,8 +11,12 @@ from reflectionflow.sheets import contact_sheet, png_bytes
 
 
 def held_out(prompt: str, reflection: str) -> dict:
-    return {"prompt": prompt, "reflection": reflection, "image": Image.new("RGB", (64, 64), "red"),
-            "condition": Image.new("RGB", (32, 32), "blue")}
+    return {
+        "prompt": prompt,
+        "reflection": reflection,
+        "image": Image.new("RGB", (64, 64), "red"),
+        "condition": Image.new("RGB", (32, 32), "blue"),
+    }
 
 
 def test_a_longer_caption_makes_the_validation_sheet_taller_and_is_kept_as_png_text():
@@ -24,7 +28,9 @@ def test_a_longer_caption_makes_the_validation_sheet_taller_and_is_kept_as_png_t
     with Image.open(io.BytesIO(png_bytes(long))) as image:
         assert image.text["Title"] == "step 5: held-out flawed | corrected | target"
         assert image.text["Columns"] == "flawed | corrected | target"
-        assert image.text["Description"] == f"prompt: a red cube\n\nreflection: {reflection}"  # whole, not cut
+        assert (
+            image.text["Description"] == f"prompt: a red cube\n\nreflection: {reflection}"
+        )  # whole, not cut
 
 
 def test_captions_are_cut_to_max_lines_and_the_title_wraps():

@@ -70,7 +70,8 @@ def test_cli_tiny_run_trains_only_lora_and_writes_a_loadable_lora(tmp_path, cach
         assert f"prompt: {sample['prompt']}" in shown and f"reflection: {sample['reflection']}" in shown
     with open(run / "logs" / "metrics.csv") as f:
         last = [r for r in csv.DictReader(f) if r.get("val/loss")][-1]
-    for key in ["val/loss"] + [f"diagnostics/t{t}/{k}_ratio" for t in (0.3, 0.6, 0.9) for k in ("condition", "reflection")]:
+    ratios = [f"diagnostics/t{t}/{kind}_ratio" for t in (0.3, 0.6, 0.9) for kind in ("condition", "reflection")]
+    for key in ["val/loss", *ratios]:
         assert torch.isfinite(torch.tensor(float(last[key]))), key
 
     from diffusers import FluxPipeline

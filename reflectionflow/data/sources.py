@@ -97,7 +97,8 @@ def _probe_hub(url: str) -> bytes:
             return stream.read(512)
     except Exception as err:  # missing repo or file, gated, offline: huggingface_hub raises many types
         hint = "" if os.environ.get("HF_TOKEN") else "; a gated or private dataset needs HF_TOKEN"
-        raise ShardSourceError(f"cannot open shard {url!r}: {type(err).__name__}: {str(err)[:200]}{hint}") from None
+        problem = f"{type(err).__name__}: {str(err)[:200]}"
+        raise ShardSourceError(f"cannot open shard {url!r}: {problem}{hint}") from None
 
 
 def _looks_like_tar(head: bytes) -> bool:

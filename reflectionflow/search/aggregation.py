@@ -201,7 +201,9 @@ def _x(row: JobRow, key: str) -> float:
 AXES = [("images", "images per prompt"), ("nfe", "NFE per prompt")]
 
 
-def scaling_lines(rows: Sequence[JobRow], metric: str, x_key: str) -> dict[str, list[tuple[float, float, float | None]]]:
+def scaling_lines(
+    rows: Sequence[JobRow], metric: str, x_key: str
+) -> dict[str, list[tuple[float, float, float | None]]]:
     """Per series, its best job at each x as (x, metric, standard error): the plot's lines and W&B's.
 
     The images axis is the job's `search.budget` when it has one (a search stopped early at
@@ -250,7 +252,8 @@ def plot_scaling(rows: Sequence[JobRow]) -> Figure:
             ax = axes[row_index][column]
             for series, line in scaling_lines(rows, metric, x_key).items():
                 color = colors[series]
-                dots = [(_x(r, x_key), getattr(r, metric)) for r in grouped[series] if getattr(r, metric) is not None]
+                members = [r for r in grouped[series] if getattr(r, metric) is not None]
+                dots = [(_x(r, x_key), getattr(r, metric)) for r in members]
                 ax.scatter(*zip(*dots, strict=True), color=color, alpha=0.35, s=18)
                 xs, ys, _ = zip(*line, strict=True)
                 ax.plot(xs, ys, color=color, marker="o", label=series)

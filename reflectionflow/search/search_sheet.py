@@ -36,14 +36,22 @@ def search_sheet_png(search: PromptSearch) -> bytes:
     prompt = search.item.prompt
     rows = [
         [
-            (made[(r, c)].image, _caption(made[(r, c)], prompt, (r, c) == best)) if (r, c) in made else (None, "")
+            (made[(r, c)].image, _caption(made[(r, c)], prompt, (r, c) == best))
+            if (r, c) in made
+            else (None, "")
             for r in range(rounds)
         ]
         for c in range(chains)
     ]
-    title = (f"{prompt}  |  selected: round {best[0]}, chain {best[1]}, score {search.best.score.value:.3f}"
-             f"{'  |  stopped at the stop score' if search.stopped else ''}")
-    sheet = contact_sheet(rows, title=title, row_labels=[f"chain {c}" for c in range(chains)],
-                          column_labels=["round 0 (base)"] + [f"round {r}" for r in range(1, rounds)],
-                          max_caption_lines=MAX_CAPTION_LINES)
+    title = (
+        f"{prompt}  |  selected: round {best[0]}, chain {best[1]}, score {search.best.score.value:.3f}"
+        f"{'  |  stopped at the stop score' if search.stopped else ''}"
+    )
+    sheet = contact_sheet(
+        rows,
+        title=title,
+        row_labels=[f"chain {c}" for c in range(chains)],
+        column_labels=["round 0 (base)"] + [f"round {r}" for r in range(1, rounds)],
+        max_caption_lines=MAX_CAPTION_LINES,
+    )
     return png_bytes(sheet)

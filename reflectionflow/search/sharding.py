@@ -139,8 +139,8 @@ def _comparable(result: Mapping[str, Any]) -> dict[str, Any]:
 def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
     """Join shard run directories into `out` (may be one of them, e.g. shards that shared a run dir).
 
-    Copies every finished prompt folder, then writes `result.json` over all prompts (through the
-    summary `RunWriter` keeps, which the result file replaces), from the shards' search.json files and per-prompt verdicts. Refuses
+    Copies every finished prompt folder, then writes `result.json` over all prompts (the result file
+    replaces the summary `RunWriter` keeps), from the shards' search.json files and per-prompt verdicts. Refuses
     unfinished prompts, a prompt found twice, missing shards and shards of different searches.
     """
     roots = list(dict.fromkeys(Path(s).resolve() for s in sources))

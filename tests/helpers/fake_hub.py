@@ -72,7 +72,11 @@ class FakeHub:
         from huggingface_hub import constants
 
         monkeypatch.setattr(constants, "ENDPOINT", self.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", self.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            self.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        )
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     def add_file(self, kind: str, repo: str, path: str, data: bytes, token: str | None = None) -> None:
@@ -82,7 +86,9 @@ class FakeHub:
             self.tokens[key] = token
 
     # ------------------------------------------------------------------------------------------ serving
-    def _reply(self, handler, status: int, body: bytes = b"", headers: dict | None = None, head=False) -> None:
+    def _reply(
+        self, handler, status: int, body: bytes = b"", headers: dict | None = None, head=False
+    ) -> None:
         handler.send_response(status)
         for key, value in (headers or {}).items():
             handler.send_header(key, value)
@@ -135,7 +141,11 @@ class FakeHub:
         if path == "/api/repos/create" and method == "POST":
             request = json.loads(body)
             self.created.append(request)
-            repo = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
+            repo = (
+                f"{request['organization']}/{request['name']}"
+                if request.get("organization")
+                else request["name"]
+            )
             self.repos.setdefault(f"{request.get('type') or 'model'}s/{repo}", {})
             return self._json(handler, {"url": f"{self.endpoint}/{repo}", "name": repo})
         if path == "/api/validate-yaml" and method == "POST":  # the hub checks a README's front matter
@@ -147,14 +157,29 @@ class FakeHub:
             return self._json(handler, {"errors": [], "warnings": []})
         if match := re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/preupload/([^/]+)", path):
             files = json.loads(body)["files"]
-            return self._json(handler, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                                  for f in files]})
+            return self._json(
+                handler,
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                    ]
+                },
+            )
         if match := re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/commit/([^/]+)", path):
             key = f"{match[1]}/{match[2]}"
             for line in body.decode().splitlines():
                 item = json.loads(line)
                 if item["key"] == "file":
-                    self.repos.setdefault(key, {})[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            return self._json(handler, {"commitUrl": f"{self.endpoint}/{match[2]}/commit/{SHA}", "commitOid": SHA,
-                                        "success": True, "commitMessage": ""})
+                    self.repos.setdefault(key, {})[item["value"]["path"]] = base64.b64decode(
+                        item["value"]["content"]
+                    )
+            return self._json(
+                handler,
+                {
+                    "commitUrl": f"{self.endpoint}/{match[2]}/commit/{SHA}",
+                    "commitOid": SHA,
+                    "success": True,
+                    "commitMessage": "",
+                },
+            )
         return self._error(handler, 404, "NotFound", head)
