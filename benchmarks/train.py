@@ -68,7 +68,7 @@ def worker(name: str, steps: int, cache: Path) -> dict:
 
     overrides = ["experiment=tiny", f"trainer.max_steps={steps + WARMUP}", "logger=none", "callbacks.validation=null",
                  "callbacks.lora=null", "callbacks.checkpoint=null", "callbacks.lr_monitor=null", "+trainer.enable_checkpointing=false",
-                 "+trainer.enable_progress_bar=false", *CONFIGS[name]]
+                 "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", *CONFIGS[name]]
     if name.startswith("small"):
         overrides.append(f"model.path={small_pipeline(cache / 'small-flux')}")
     clock = Clock()

@@ -4,7 +4,7 @@ python -m reflectionflow.aggregate <multirun dir> [--wandb]
     scaling.md, scaling.csv and scaling.png into the directory (a multirun does this at its end);
     --wandb logs them into the W&B project and group the jobs logged to.
 python -m reflectionflow.aggregate --merge <shard run dir> [<shard run dir> ...] --out <dir>
-    one GenEval-layout directory with one summary.json and result.json, as an unsharded run writes.
+    one GenEval-layout directory with one result.json, as an unsharded run writes.
 """
 
 from __future__ import annotations

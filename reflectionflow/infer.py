@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from reflectionflow.config import redact_overrides
+from reflectionflow.console import quiet_third_party, shown_path
 from reflectionflow.models.loading import ModelNotFoundError, resolve_lora_path, resolve_model_path
 from reflectionflow.recipes import RecipeError, resolve_references
 from reflectionflow.search.config import SearchConfig
@@ -30,7 +31,7 @@ from reflectionflow.search.engine import SearchEngine
 from reflectionflow.search.errors import FatalAPIError, SetupError
 from reflectionflow.search.prompts import PromptItem, shard, single_prompt
 from reflectionflow.search.result_file import assess, job_result, nested_outcomes, read_budget, write_result
-from reflectionflow.search.run_dir import shard_suffix
+from reflectionflow.search.run_dir import SHEET_FILE, shard_suffix
 from reflectionflow.search.runner import run_search
 from reflectionflow.search.secrets import check_api_keys
 from reflectionflow.search.sharding import resolve_shard, shard_suffix_resolver, sharding_environment
@@ -101,13 +102,19 @@ def loggable_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def describe_job(cfg: DictConfig, hydra_cfg: DictConfig | None) -> dict[str, Any]:
-    """What produced a result: the preset and the other config choices, and the command-line overrides."""
+    """What produced a result: the preset and the other config choices, and the command-line overrides.
+    With `prompt=...` the prompt set is that one prompt (`choices.prompts` null, `prompt` its text), not
+    the `prompts` group's default."""
     choices = {} if hydra_cfg is None else OmegaConf.to_container(hydra_cfg.runtime.choices)
     overrides = [] if hydra_cfg is None else list(hydra_cfg.overrides.task)
+    literal = OmegaConf.to_container(cfg, resolve=False)["prompt"]
+    if literal is not None and "prompts" in choices:
+        choices["prompts"] = None
     return {
         "preset": choices.get("search"),
         "choices": {k: v for k, v in choices.items() if not k.startswith("hydra/")},
         "overrides": redact_overrides(overrides),
+        "prompt": None if literal is None else str(literal),
     }
 
 
@@ -193,25 +200,35 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
         raise
     if tracker is not None:
         tracker.finish()
-    spent = result["budget"]
-    log.info(
-        "%d prompts, mean score %s, accuracy %s, %d images, %d NFE, %d verifier / %d reflector / %d refiner "
-        "calls -> %s",
-        result["prompts"],
-        result["mean_score"],
-        result["accuracy"],
-        spent["images"],
-        spent["nfe"],
-        spent["verifier"]["calls"],
-        spent["reflector"]["calls"],
-        spent["refiner"]["calls"],
-        path,
-    )
+    log.info(closing_block(result, path))
     return result
+
+
+def _rounded(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def closing_block(result: dict[str, Any], path: Path) -> str:
+    """The job's last console lines: what it achieved and spent, and where its result and images are."""
+    spent = result["budget"]
+    calls = " / ".join(f"{spent[role]['calls']} {role}" for role in ("verifier", "reflector", "refiner"))
+    prompts = f"{result['prompts']} prompt{'' if result['prompts'] == 1 else 's'}"
+    lines = [
+        f"{prompts}: mean score {_rounded(result['mean_score'], '.3f')}, "
+        f"accuracy {_rounded(result['accuracy'], '.1%')}; {spent['images']} images, {spent['nfe']} NFE, {calls} calls",
+    ]
+    for nested in result.get("budgets") or []:
+        score, accuracy = _rounded(nested["mean_score"], ".3f"), _rounded(nested["accuracy"], ".1%")
+        lines.append(f"  budget {nested['search_budget']:<4} mean score {score}, accuracy {accuracy}")
+    lines += [f"  result     {shown_path(path)}",
+              f"  images     {shown_path(path.parent)}/<prompt>/: samples/0000.png (GenEval's layout), "
+              f"{SHEET_FILE} (the search)"]
+    return "\n".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path="conf/infer", config_name="infer")
 def main(cfg: DictConfig) -> float | None:
+    quiet_third_party()
     hydra_cfg = HydraConfig.get()
     try:
         result = run(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg)

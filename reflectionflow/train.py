@@ -12,14 +12,26 @@ import sys
 from pathlib import Path
 
 import hydra
+import lightning as L  # imported before Hydra's logging config, which takes off Lightning's own handlers
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from reflectionflow.config import ConfigError, redact_secrets
+from reflectionflow.console import quiet_third_party, shown_path
 from reflectionflow.recipes import RecipeError, is_built, mark_built, product_dir, resolve_references
 
 log = logging.getLogger(__name__)
+
+
+def run_name(run_dir: str) -> str:
+    """A run's name from its directory: the directory's name, with the sweep's for a multirun job (whose
+    directory is its job number)."""
+    path = Path(run_dir)
+    return f"{path.parent.name}-{path.name}" if path.name.isdigit() else path.name
+
+
+OmegaConf.register_new_resolver("rf.run_name", run_name, replace=True)  # conf/train/logger/wandb.yaml
 
 _GPU_ONLY_STRATEGIES = ("deepspeed",)
 _FSDP_STRATEGIES = ("fsdp2strategy", "modelparallelstrategy", "fsdp", "fsdpstrategy")
@@ -120,8 +132,6 @@ def train(cfg: DictConfig, extra_callbacks=()):
 
     `extra_callbacks` are appended to the configured ones (programmatic use: benchmarks, notebooks).
     """
-    import lightning as L
-
     resolve_references(cfg)  # recipe://<name> -> the product's path, trained first if missing
     check_config(cfg)
     product = product_dir(cfg)  # recipes (`recipe:` node): a cached product skips training
@@ -145,7 +155,31 @@ def train(cfg: DictConfig, extra_callbacks=()):
     if product is not None and trainer.is_global_zero:
         model.export(product)
         mark_built(product)
+    if trainer.is_global_zero:
+        log.info(closing_block(trainer, run_dir, product))
     return trainer
+
+
+def closing_block(trainer, run_dir: Path, product: Path | None) -> str:
+    """The run's last console lines: where its LoRA, last checkpoint, validation sheets and logs are."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    lines = [f"trained {trainer.global_step} steps into {shown_path(run_dir)}"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    places = {"product": product, "LoRA": run_dir / "lora" / "final",
+              "checkpoint": last.resolve() if last.exists() else None, "validation": run_dir / "validation"}
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            places["logs"] = Path(logger.log_dir) / "metrics.csv"
+        elif isinstance(logger, WandbLogger):
+            run = logger.experiment
+            places["W&B"] = Path(run.dir).parent if run.offline else run.url  # offline: for `wandb sync`
+    for label, place in places.items():
+        if isinstance(place, str):
+            lines.append(f"  {label:<11}{place}")
+        elif place is not None and place.exists():
+            lines.append(f"  {label:<11}{shown_path(place)}{'/' if place.is_dir() else ''}")
+    return "\n".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path="conf/train", config_name="train")
@@ -153,6 +187,7 @@ def main(cfg: DictConfig) -> None:
     from reflectionflow.data.sources import ShardSourceError
     from reflectionflow.models.loading import ModelNotFoundError
 
+    quiet_third_party()
     try:
         train(cfg)
     except (ConfigError, ModelNotFoundError, ShardSourceError, RecipeError) as err:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+import statistics
 from pathlib import Path
 
 import pytest
+from matplotlib.collections import LineCollection, PathCollection
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -19,6 +22,9 @@ from reflectionflow.search.aggregation import (
     cell,
     load_rows,
     plot_scaling,
+    readable_ticks,
+    scaling_lines,
+    standard_error,
 )
 from reflectionflow.search.budget import Budget, Usage
 from reflectionflow.search.result_file import PromptOutcome, job_result, write_result
@@ -128,7 +134,8 @@ def test_table_and_plot_hold_the_result_files_numbers(sweep):
         (accuracy_images, "images", "accuracy"),
     ]:
         assert [line.get_label() for line in ax.lines] == series
-        for name, dots, line in zip(series, ax.collections, ax.lines, strict=True):
+        scatters = [c for c in ax.collections if isinstance(c, PathCollection)]
+        for name, dots, line in zip(series, scatters, ax.lines, strict=True):
             points = [
                 (r["per_prompt_budget"][x_key], r[metric])
                 for r in results.values()
@@ -141,6 +148,40 @@ def test_table_and_plot_hold_the_result_files_numbers(sweep):
 
 def test_best_per_budget_keeps_the_best_job_at_each_budget():
     assert best_per_budget([(2, 0.4), (1, 0.3), (2, 0.6), (4, 0.5)]) == [(1, 0.3), (2, 0.6), (4, 0.5)]
+    assert best_per_budget([(2, 0.4, "a"), (2, 0.6, "b"), (2, 0.6, "c")]) == [(2, 0.6, "b")]  # first of equals
+
+
+def test_plot_has_standard_errors_from_the_per_prompt_results(sweep):
+    root, results = sweep
+    rows, ordered = load_rows(root)
+    for row, result in zip(rows, ordered, strict=True):
+        scores = [o["score"] for o in result["per_prompt"]]
+        verdicts = [float(o["correct"]) for o in result["per_prompt"]]
+        assert row.score_se == pytest.approx(statistics.stdev(scores) / math.sqrt(len(scores)))
+        assert row.accuracy_se == pytest.approx(statistics.stdev(verdicts) / math.sqrt(len(verdicts)))
+    assert standard_error([0.5]) is None  # one prompt: no spread to measure
+
+    figure = plot_scaling(rows)
+    title = figure.get_suptitle()
+    assert title.startswith("2 prompts.") and "chosen on these same prompts" in title
+    for ax, (metric, x_key) in zip(figure.axes, [("mean_score", "images"), ("mean_score", "nfe"),
+                                                 ("accuracy", "images"), ("accuracy", "nfe")], strict=True):
+        lines = scaling_lines(rows, metric, x_key)
+        bars = [c for c in ax.collections if isinstance(c, LineCollection)]
+        assert len(bars) == len(lines)
+        for points, bar in zip(lines.values(), bars, strict=True):
+            for (x, y, error), segment in zip(points, bar.get_segments(), strict=True):
+                assert segment.flatten().tolist() == pytest.approx([x, y - error, x, y + error])
+        assert sorted(ax.get_xticks()) == readable_ticks([getattr(r, x_key) for r in rows])
+    noise = next(r for r in rows if (r.preset, r.width, r.depth) == ("noise", 2, 0))
+    [noise_line] = [line for series, line in scaling_lines(rows, "mean_score", "images").items()
+                    if series.startswith("noise")]
+    assert (2, 0.6, noise.score_se) in [tuple(p) for p in noise_line]  # the better of the two 2-image jobs
+
+
+def test_readable_ticks_leave_out_crowded_values():
+    assert readable_ticks([1, 2, 2, 4, 8]) == [1, 2, 4, 8]
+    assert readable_ticks([8, 9, 16, 17, 24, 64]) == [8, 16, 24, 64]
 
 
 def test_plot_without_a_checker_has_one_row_of_panels(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.fake_hub import FakeHub
 
 from reflectionflow.data.sources import ShardSourceError, check_shards, expand_shards, read_shard
 from reflectionflow.data.synthetic import cached_synthetic_shards, write_synthetic_shards
@@ -128,3 +129,34 @@ def test_cached_synthetic_shards_are_written_once(tmp_path):
         cached_synthetic_shards("train", num_shards=2, samples_per_shard=4, image_size=16, root=tmp_path)
         != pattern
     )
+
+
+def test_hub_shards_stream_through_huggingface_hub_with_the_token_from_hf_token(tmp_path, monkeypatch):
+    paths = write_synthetic_shards(tmp_path, 2, 3, image_size=16)
+    token = "hf_test_5e2c91d0-never-in-a-log"
+    with FakeHub() as hub:
+        for path in paths:
+            hub.add_file("datasets", "org/genref", path.name, path.read_bytes(), token=token)
+        hub.use_in_process(monkeypatch)
+        pattern = "hf://datasets/org/genref/genref_{0000..0001}.tar"
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        with pytest.raises(ShardSourceError, match=r"genref_0000\.tar.*a gated or private dataset needs HF_TOKEN"):
+            check_shards(pattern)
+        monkeypatch.setenv("HF_TOKEN", token)
+        urls = check_shards(pattern)
+        assert urls == ["hf://datasets/org/genref/genref_0000.tar", "hf://datasets/org/genref/genref_0001.tar"]
+        samples, skipped = _read_all(urls)
+        local, _ = _read_all(paths)
+        assert [s.members for s in samples] == [s.members for s in local] and not skipped
+        downloads = [r for r in hub.requests if "/resolve/" in r.path]
+        assert downloads and all(r.authorization == f"Bearer {token}" for r in downloads)
+        with pytest.raises(ShardSourceError, match="missing.tar") as error:
+            check_shards("hf://datasets/org/genref/missing.tar")
+        assert token not in str(error.value)
+
+
+def test_genref_config_streams_from_the_hub(compose_config):
+    cfg = compose_config("train", "data=genref")
+    assert cfg.data.shards == "hf://datasets/diffusion-cot/GenRef-wds/genref_{0..207}.tar"
+    assert cfg.data.val_shards == "hf://datasets/diffusion-cot/GenRef-wds/genref_208.tar"
+    assert len(expand_shards(cfg.data.shards)) == 208

@@ -13,6 +13,7 @@ import pytest
 from helpers.chat_server import ScriptedChatServer
 from helpers.cli import ROOT, cli_command, cli_env, run_cli
 from hydra.utils import instantiate
+from PIL import Image
 
 from reflectionflow.search.config import SearchConfig, planned_cost
 
@@ -94,6 +95,35 @@ def test_hostile_cli_prompt_stays_inside(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*") if p.parent == run_dir.parent) == ["run"]
     record = json.loads((run_dir / "00000" / "metadata.jsonl").read_text())
     assert record == {"prompt": "../../x ${oc.env:HOME}"}
+    job = json.loads((run_dir / "result.json").read_text())["job"]
+    assert job["prompt"] == "../../x ${oc.env:HOME}" and job["choices"]["prompts"] is None  # not the default set
+
+
+def test_each_prompt_has_a_contact_sheet_of_its_search_and_the_run_one_result_file(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a red cat\ntwo blue cubes\n")
+    run_dir = tmp_path / "run"
+    done = infer(*DETERMINISTIC, "search=reflectionflow", "search.width=3", "search.depth=2", "prompts=file",
+                 f"prompts.path={prompts}", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr
+    for index in (0, 1):
+        search = json.loads((run_dir / f"{index:05d}" / "search.json").read_text())
+        with Image.open(run_dir / f"{index:05d}" / "search.png") as sheet:
+            text = sheet.text
+        assert text["Rows"] == "chain 0 | chain 1 | chain 2"  # rows x columns = chains x (depth + 1)
+        assert text["Columns"] == "round 0 (base) | round 1 | round 2"
+        assert text["Title"].startswith(search["prompt"])
+        captions = text["Description"].split("\n\n")
+        assert len(captions) == 3 * (2 + 1)
+        made = {(c["chain"], c["round"]): c for c in search["candidates"]}
+        for k, caption in enumerate(captions):
+            candidate = made[divmod(k, 3)]
+            assert caption.startswith(f"score {candidate['score']['value']:.3f}")
+            assert candidate["round"] == 0 or f"reflection: {candidate['reflection']}" in caption
+        chain, round_ = search["selected"]["chain"], search["selected"]["round"]
+        assert captions[3 * chain + round_].startswith(f"score {search['score']:.3f}  << selected")
+        assert sum("<< selected" in caption for caption in captions) == 1
+    assert (run_dir / "result.json").is_file() and not (run_dir / "summary.json").exists()
 
 
 def test_presets_compose_and_match_budgets(compose_config):

@@ -146,6 +146,14 @@ def test_wandb_offline_runs_per_job_grouped_with_table_and_scaling_plot(tmp_path
     assert list((aggregate_run / "files" / "media" / "images" / "scaling").glob("plot_*.png"))
     [scaling_table] = (aggregate_run / "files" / "media" / "table" / "scaling").glob("table_*.table.json")
     assert len(json.loads(scaling_table.read_text())["data"]) == 2
+    # native W&B line plots, one per panel of scaling.png: a line per preset through its best job per budget
+    charts = aggregate_run / "files" / "media" / "table" / "scaling"
+    [score_vs_images] = charts.glob("mean_score_vs_images_table_*.table.json")
+    results = [json.loads((sweep / job / "result.json").read_text()) for job in ("0", "1")]
+    assert json.loads(score_vs_images.read_text())["data"] == [
+        [r["search_budget"], "reflectionflow", r["mean_score"]] for r in results
+    ]
+    assert len(list(charts.glob("mean_score_vs_nfe_table_*.table.json"))) == 1
 
     for path in sweep.rglob("*"):
         if path.is_file():

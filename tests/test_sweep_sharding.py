@@ -215,7 +215,8 @@ def test_two_array_shards_then_merge_equal_one_unsharded_run(tmp_path, capsys):
     second = set(after) - set(first)
     suffixes = {".shard-00000-of-00002": set(first), ".shard-00001-of-00002": second}
     for suffix, names in suffixes.items():
-        assert {f"result{suffix}.json", f"summary{suffix}.json", f"infer{suffix}.log"} <= names
+        assert {f"result{suffix}.json", f"infer{suffix}.log"} <= names
+        assert f"summary{suffix}.json" not in names  # the result file replaced the running summary
         assert f".hydra{suffix}/config.yaml" in names
     assert {n.split("/")[0] for n in first if n[0].isdigit()} == {"00000", "00002", "00004"}
     assert {n.split("/")[0] for n in second if n[0].isdigit()} == {"00001", "00003"}
@@ -226,7 +227,7 @@ def test_two_array_shards_then_merge_equal_one_unsharded_run(tmp_path, capsys):
 
     expected, actual = run_files(single), run_files(merged)
     assert sorted(expected) == sorted(actual)
-    assert sum(name.endswith(".png") for name in actual) == 5 * (4 + 1)  # 4 candidates + the sample
+    assert sum(name.endswith(".png") for name in actual) == 5 * (4 + 2)  # 4 candidates, the sample, the sheet
     merged_from = actual["result.json"].pop("merged_from")
     assert [m["shard"] for m in merged_from] == [{"index": 0, "count": 2}, {"index": 1, "count": 2}]
     assert actual == expected

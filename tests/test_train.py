@@ -1,7 +1,9 @@
 """Reflection tuning through the real configs: CLI runs, exact resume, strategies, loggers, bad input."""
 
 import csv
+import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -10,8 +12,11 @@ import torch
 from conftest import compose_app
 from helpers.cli import cli_command, cli_env
 from helpers.cli import run_cli as run_app
+from hydra.utils import instantiate
+from PIL import Image
 from safetensors.torch import load_file
 
+from reflectionflow.models.callbacks import VALIDATION_COLUMNS
 from reflectionflow.models.corrector import condition_ids, corrector_forward, latent_ids
 
 FAST = ["experiment=tiny", "trainer.log_every_n_steps=1", "model.lora_rank=4", "validation.num_inference_steps=2"]
@@ -58,6 +63,16 @@ def test_cli_tiny_run_trains_only_lora_and_writes_a_loadable_lora(tmp_path, cach
     assert state["optimizer_states"] and state["lr_schedulers"]
     assert state["global_step"] == 3 and "GenRefDataModule" in state
     assert list((run / "validation").glob("*.png")), "the end-of-training validation panel is missing"
+    with Image.open(run / "validation" / "step-0000003.png") as sheet:
+        shown = sheet.text["Description"]
+    held_out = instantiate(compose_app("train", *FAST).data).validation_samples()
+    for sample in held_out:  # every held-out sample's prompt and reflection, as captions
+        assert f"prompt: {sample['prompt']}" in shown and f"reflection: {sample['reflection']}" in shown
+    with open(run / "logs" / "metrics.csv") as f:
+        last = [r for r in csv.DictReader(f) if r.get("val/loss")][-1]
+    ratios = [f"diagnostics/t{t}/{kind}_ratio" for t in (0.3, 0.6, 0.9) for kind in ("condition", "reflection")]
+    for key in ["val/loss", *ratios]:
+        assert torch.isfinite(torch.tensor(float(last[key]))), key
 
     from diffusers import FluxPipeline
 
@@ -74,6 +89,18 @@ def test_cli_tiny_run_trains_only_lora_and_writes_a_loadable_lora(tmp_path, cach
     )
     with torch.no_grad():
         assert not torch.equal(corrector_forward(base.transformer, **inputs), corrector_forward(tuned.transformer, **inputs))
+
+
+def test_progress_bar_counts_steps_of_max_steps_also_after_resume(tmp_path, cache):
+    common = ["callbacks.validation=null", "callbacks.validation_metrics=null"]
+    first = run_cli(tmp_path / "run", "trainer.max_steps=3", *common, cache=cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_cli(tmp_path / "run", "trainer.max_steps=5", "resume=true", *common, cache=cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for done, start, end in [(first, 0, 3), (resumed, 3, 5)]:
+        counts = re.findall(r"train:\s+\d+%\|[^|]*\| (\d+)/(\d+) \[", done.stdout)
+        assert counts[0] == (str(start), str(end)) and counts[-1] == (str(end), str(end)), counts
+        assert "Epoch" not in done.stdout + done.stderr
 
 
 def test_only_lora_parameters_change(tmp_path, cache):
@@ -106,12 +133,26 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, cache):
 
 
 def test_wandb_offline_run_holds_the_validation_panel(tmp_path, cache):
-    result = run_cli(tmp_path / "run", "trainer.max_steps=2", "logger=wandb", "validation.every_n_steps=1", cache=cache)
+    run_dir = tmp_path / "wandb-run-7c3f"
+    result = run_cli(run_dir, "trainer.max_steps=2", "logger=wandb", "validation.every_n_steps=1",
+                     "task_name=tinygroup5e", cache=cache)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     panels = list(runs[0].glob("files/media/images/validation/*.png"))
     assert panels, sorted(str(p) for p in runs[0].rglob("*"))[:50]
+    tables = sorted(runs[0].glob("files/media/table/validation/samples_*.table.json"))
+    assert len(tables) == 2  # one per validation step (steps 1 and 2)
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"] == list(VALIDATION_COLUMNS) and len(table["data"]) == 2  # the held-out samples
+    [records] = runs[0].glob("run-*.wandb")
+    logged = records.read_bytes()
+    for key in ("val/loss", "diagnostics/t0.3/condition_ratio", "diagnostics/t0.9/reflection_ratio"):
+        assert key.encode() in logged, key
+    # named after the run directory, grouped by the experiment (protobuf strings: length, then bytes)
+    assert b"\x0ewandb-run-7c3f" in logged and b"\x0btinygroup5e" in logged
+    assert b"wandb-run-7c3f-lora" in logged and b"step-2" in logged  # the final LoRA as a model artifact
+    assert f"  W&B        {runs[0]}/" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """Shard sources: expanding and checking shard patterns, per-stream shard order, and raw sample reading.
 
 A pattern is what webdataset accepts (local paths with `{a..b}` braces, `pipe:` commands, http(s) URLs,
-several joined by `::`) plus shell globs for local files. `check_shards` fails at once, naming the pattern
+several joined by `::`) plus shell globs for local files and `hf://datasets/<repo>/<file>` paths on the
+Hugging Face hub, read through `huggingface_hub` (`HF_ENDPOINT` for a mirror; a gated or private dataset
+takes its token from `HF_TOKEN`, never from the config). `check_shards` fails at once, naming the pattern
 or URL, when nothing matches or a source cannot be opened; it is cheap (local: a `stat` per shard; remote:
 the first shard's header only), so the train app calls it before loading any model.
 
@@ -32,7 +34,8 @@ IMAGE_KEYS = ("good_image.jpg", "bad_image.jpg")
 TEXT_KEYS = ("prompt.txt", "reflection.txt", "subset.txt")
 # Keys that must hold bytes; the reflection may be empty (a reflection under 5 characters is dropped anyway).
 NON_EMPTY_KEYS = ("good_image.jpg", "bad_image.jpg", "prompt.txt", "subset.txt")
-_REMOTE_PREFIXES = ("pipe:", "http://", "https://")
+HUB_PREFIX = "hf://"
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", HUB_PREFIX)
 
 
 class ShardSourceError(ValueError):
@@ -70,13 +73,43 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def hub_filesystem():
+    """huggingface_hub's file system, authenticated with `HF_TOKEN` alone (no token: anonymous), so the
+    token stays in the environment: never in a config, a shard URL or a log. A new instance each time,
+    so it reads the current `HF_ENDPOINT` setting."""
+    from huggingface_hub import HfFileSystem
+
+    return HfFileSystem(token=os.environ.get("HF_TOKEN") or False, skip_instance_cache=True)
+
+
+def open_shard(url: str):
+    """A readable byte stream of one shard: `hf://` paths streamed by huggingface_hub (which reconnects
+    where a broken download stopped), everything else through webdataset's `gopen`."""
+    if url.startswith(HUB_PREFIX):
+        return hub_filesystem().open(url, "rb", block_size=0)
+    return wds.gopen(url)
+
+
+def _probe_hub(url: str) -> bytes:
+    """The first 512 bytes of a hub shard, or one line on why it cannot be read."""
+    try:
+        with open_shard(url) as stream:
+            return stream.read(512)
+    except Exception as err:  # missing repo or file, gated, offline: huggingface_hub raises many types
+        hint = "" if os.environ.get("HF_TOKEN") else "; a gated or private dataset needs HF_TOKEN"
+        problem = f"{type(err).__name__}: {str(err)[:200]}"
+        raise ShardSourceError(f"cannot open shard {url!r}: {problem}{hint}") from None
+
+
 def _looks_like_tar(head: bytes) -> bool:
     return (len(head) >= 512 and head[257:262] == b"ustar") or head[:2] == b"\x1f\x8b"  # tar or gzip
 
 
 def _probe_remote(url: str, timeout: float = 60.0) -> None:
     """Read the first 512 bytes of a remote shard and check that they start a tar archive."""
-    if url.startswith("pipe:"):
+    if url.startswith(HUB_PREFIX):
+        head, problem = _probe_hub(url), "the hub's answer"
+    elif url.startswith("pipe:"):
         process = subprocess.Popen(
             url[len("pipe:") :],
             shell=True,
@@ -110,7 +143,8 @@ def _probe_remote(url: str, timeout: float = 60.0) -> None:
 def check_shards(shards: str | Sequence[str]) -> list[str]:
     """Expand `shards` and check that they can be opened; return the URLs or raise `ShardSourceError`.
 
-    Local shards must all exist and be readable; for remote ones (`pipe:`, http(s)) the first is opened.
+    Local shards must all exist and be readable; for remote ones (`pipe:`, http(s), `hf://`) the first is
+    opened.
     A shard that is empty or truncated is not an error here: reading skips and counts it.
     """
     urls = expand_shards(shards)
@@ -160,7 +194,7 @@ def _invalid_reason(sample: dict) -> str | None:
 def read_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
     """Valid raw samples of one shard; skips are added to `skipped` by reason, nothing is raised."""
     try:
-        stream = wds.gopen(url)
+        stream = open_shard(url)
     except Exception:  # any scheme's failure to open (missing file, bad command, ...)
         skipped["unreadable_shard"] += 1
         return

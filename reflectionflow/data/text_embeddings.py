@@ -127,10 +127,10 @@ def load_text_encoders(model: str, dtype: torch.dtype, device: str):
     """A FluxPipeline with only its tokenizers and text encoders (no transformer, no VAE)."""
     from diffusers import FluxPipeline
 
-    from reflectionflow.models.loading import resolve_model_path
+    from reflectionflow.models.loading import dtype_argument, resolve_model_path
 
     pipe = FluxPipeline.from_pretrained(resolve_model_path(model, "--model"), transformer=None, vae=None,
-                                        torch_dtype=dtype)
+                                        **dtype_argument(dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -11,11 +14,14 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from reflectionflow.models.lora import save_lora
+from reflectionflow.sheets import contact_sheet, png_bytes
 
 
 def _run_dir(trainer: L.Trainer) -> Path:
@@ -91,6 +97,30 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar counting optimizer steps of `max_steps` (Lightning's counts the batches of an
+    epoch, and a streamed dataset has one endless epoch: `Epoch 0/-2 ... 60/60`); a resumed run starts at
+    its step. The bar closes at the last step, before Lightning's closing lines."""
+
+    def init_train_tqdm(self) -> Tqdm:
+        trainer = self.trainer
+        return Tqdm(desc="train", total=trainer.max_steps if trainer.max_steps > 0 else None,
+                    initial=trainer.global_step, position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        if self._leave:  # Lightning's resets the bar to the epoch's batches instead
+            self.train_progress_bar = self.init_train_tqdm()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
+            if bar.n == bar.total:
+                bar.close()
+
+
 class LoraSnapshots(L.Callback):
     """Every N optimizer steps and at the end: `<run>/lora/step-NNNNNNN/` (loadable by
     `FluxPipeline.load_lora_weights`), keeping the last K, plus `<run>/lora/final/`."""
@@ -117,18 +147,41 @@ class LoraSnapshots(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "final")
+        if trainer.is_global_zero:
+            log_lora_artifact(trainer, _run_dir(trainer) / self.dirname / "final")
+
+
+def log_lora_artifact(trainer: L.Trainer, lora_dir: Path) -> None:
+    """The LoRA directory as a W&B model artifact of each W&B run (`<run name>-lora`, aliases `final` and
+    `step-N`, its `reflectionflow.json` as metadata), so a run's weights are found from its page."""
+    from reflectionflow.models.settings import SETTINGS_FILE
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            run = logger.experiment
+            settings = lora_dir / SETTINGS_FILE
+            metadata = json.loads(settings.read_text()) if settings.is_file() else {}
+            artifact = wandb.Artifact(f"{re.sub(r'[^A-Za-z0-9_.-]', '-', run.name)}-lora", type="model",
+                                      metadata=metadata | {"step": trainer.global_step})
+            artifact.add_dir(str(lora_dir))
+            run.log_artifact(artifact, aliases=["final", f"step-{trainer.global_step}"])
 
 
 class ValidationPanels(EveryNSteps):
-    """Every N steps, correct the datamodule's fixed held-out flawed images with their reflections and log
-    a `flawed | corrected | target` panel per sample, captioned with the reflection (PNG files in
-    `<run>/validation/`, and images in loggers that take them, e.g. W&B)."""
+    """Every N steps, correct the datamodule's fixed held-out flawed images with their reflections: one
+    sheet per step in `<run>/validation/step-NNNNNNN.png`, a row per sample of `flawed | corrected |
+    target` enlarged to `cell` pixels and captioned with the prompt and the reflection (the PNG's text holds
+    them whole); in W&B the sheet and a `validation/samples` table (prompt, reflection, the three images)."""
 
-    def __init__(self, every_n_steps: int = 500, num_inference_steps: int = 28, guidance_scale: float = 3.5, seed: int = 0):
+    def __init__(self, every_n_steps: int = 500, num_inference_steps: int = 28, guidance_scale: float = 3.5,
+                 seed: int = 0, cell: int = 256):
         super().__init__(every_n_steps)
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.seed = seed
+        self.cell = cell
 
     @torch.no_grad()
     def run(self, trainer, pl_module) -> None:
@@ -152,30 +205,40 @@ class ValidationPanels(EveryNSteps):
             width=size[0],
         )
         pl_module.train(was_training)
-        panels = [_panel(s["condition"], c, s["image"]) for s, c in zip(samples, corrected, strict=True)]
-        captions = [s["reflection"] for s in samples]
-        self._log(trainer, panels, captions)
+        self._log(trainer, samples, corrected)
 
     @rank_zero_only
-    def _log(self, trainer, panels: list[Image.Image], captions: list[str]) -> None:
+    def _log(self, trainer, samples: list[dict], corrected: list[Image.Image]) -> None:
+        step = trainer.global_step
+        sheet = validation_sheet(samples, corrected, step, self.cell)
         out = _run_dir(trainer) / "validation"
         out.mkdir(parents=True, exist_ok=True)
-        for i, panel in enumerate(panels):
-            panel.save(out / f"step-{trainer.global_step:07d}-{i}.png")
+        (out / f"step-{step:07d}.png").write_bytes(png_bytes(sheet))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image("validation/panels", panels, step=trainer.global_step, caption=captions)
+                logger.log_image("validation/panels", [sheet], step=step, caption=[sheet.info["Title"]])
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                rows = [[s["prompt"], s["reflection"], wandb.Image(s["condition"]), wandb.Image(c),
+                         wandb.Image(s["image"])] for s, c in zip(samples, corrected, strict=True)]
+                logger.log_table("validation/samples", columns=list(VALIDATION_COLUMNS), data=rows, step=step)
 
 
-def _panel(flawed: Image.Image, corrected: Image.Image, target: Image.Image) -> Image.Image:
-    """`flawed | corrected | target` side by side at the target's size."""
-    size = target.size
-    row = np.concatenate([np.asarray(im.convert("RGB").resize(size)) for im in (flawed, corrected, target)], axis=1)
-    panel = Image.fromarray(row)
-    draw = ImageDraw.Draw(panel)
-    for i, label in enumerate(("flawed", "corrected", "target")):
-        draw.text((i * size[0] + 2, 1), label, fill=(255, 255, 255))
-    return panel
+VALIDATION_COLUMNS = ("prompt", "reflection", "flawed", "corrected", "target")
+
+
+def validation_sheet(samples: list[dict], corrected: list[Image.Image], step: int, cell: int) -> Image.Image:
+    """A row per held-out sample: the flawed image captioned with the prompt, the correction with the
+    reflection it followed, the target; all at the target's size."""
+    rows = []
+    for sample, image in zip(samples, corrected, strict=True):
+        size = sample["image"].size
+        rows.append([(sample["condition"].convert("RGB").resize(size), f"prompt: {sample['prompt']}"),
+                     (image, f"reflection: {sample['reflection'] or '(none)'}"),
+                     (sample["image"], "")])
+    return contact_sheet(rows, cell=cell, title=f"step {step}: held-out flawed | corrected | target",
+                         column_labels=["flawed", "corrected", "target"], max_caption_lines=10)
 
 
 def samples_batch(samples: list[dict]) -> dict:

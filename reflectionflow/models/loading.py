@@ -72,6 +72,15 @@ def resolve_lora_path(path: str | os.PathLike, config_key: str = "model.lora_pat
     raise ModelNotFoundError(f"LoRA path {str(path)!r} does not exist; set {config_key}=<dir>")
 
 
+def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers' `from_pretrained` dtype keyword: `dtype` from 0.42 (huggingface/diffusers#14205, which
+    deprecates `torch_dtype`), `torch_dtype` before."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype": dtype}
+
+
 def load_flux_pipeline(
     path: str | os.PathLike,
     *,
@@ -90,12 +99,16 @@ def load_flux_pipeline(
     CLIP, T5 and their tokenizers (training on precomputed embeddings)."""
     from diffusers import FluxPipeline
 
+    from reflectionflow.console import hide_loading_bars
+
+    hide_loading_bars()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     resolved = resolve_model_path(path, config_key)
     lora = resolve_lora_path(lora_path) if lora_path else None
     try:
-        pipe = FluxPipeline.from_pretrained(resolved, torch_dtype=dtype, **_without_text_encoders(text_encoders))
+        pipe = FluxPipeline.from_pretrained(resolved, **dtype_argument(dtype),
+                                            **_without_text_encoders(text_encoders))
     except OSError as err:
         raise ModelNotFoundError(f"cannot read FLUX pipeline at {resolved!r}: {err}; set {config_key}=...") from None
     pipe.set_progress_bar_config(disable=True)

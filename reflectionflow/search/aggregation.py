@@ -2,8 +2,11 @@
 
 Runs as `python -m reflectionflow.aggregate <multirun dir>` and, at the end of every multirun of the infer
 app, through `AggregateCallback` (`hydra.callbacks` in conf/infer.yaml). Writes `scaling.md`,
-`scaling.csv` and `scaling.png` into the directory: one table row per job, and verifier score (and
-accuracy, when a checker ran) against images and NFE per prompt, one line per preset.
+`scaling.csv` and `scaling.png` into the directory: one table row per job (with the standard errors of
+its score and accuracy over its prompts), and verifier score (and accuracy, when a checker ran) against
+images and NFE per prompt, one line per preset through its best job at each budget, with error bars.
+The best job is chosen on the same prompts it is scored on (the plot says so): an optimistic pick when a
+budget has several (width, depth) jobs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -19,7 +23,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter
 from omegaconf import DictConfig
 
 from reflectionflow.search.errors import SetupError
@@ -48,6 +52,8 @@ class JobRow:
     prompts: int
     mean_score: float | None
     accuracy: float | None
+    score_se: float | None  # standard errors of the mean over the job's prompts
+    accuracy_se: float | None
     images: float
     nfe: float
     verifier_calls: float
@@ -59,6 +65,16 @@ class JobRow:
 
 
 COLUMNS = [f.name for f in fields(JobRow)]
+STANDARD_ERROR = {"mean_score": "score_se", "accuracy": "accuracy_se"}
+
+
+def standard_error(values: Sequence[float]) -> float | None:
+    """The standard error of the mean of `values`: sample standard deviation / sqrt(n); None below two."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def _overrides(result: Mapping[str, Any]) -> dict[str, str]:
@@ -106,6 +122,7 @@ def load_rows(root: str | os.PathLike) -> tuple[list[JobRow], list[dict[str, Any
     for (path, result, nested), job_overrides in zip(kept, overrides, strict=True):
         label = " ".join([result["preset"], *(f"{k}={job_overrides.get(k, '-')}" for k in varying)])
         cost = result["per_prompt_budget"]
+        verdicts = [float(o["correct"]) for o in result["per_prompt"] if o["correct"] is not None]
         rows.append(
             JobRow(
                 job=_job_name(root, path) + (f"@{result['search_budget']}" if nested else ""),
@@ -117,6 +134,8 @@ def load_rows(root: str | os.PathLike) -> tuple[list[JobRow], list[dict[str, Any
                 prompts=result["prompts"],
                 mean_score=result["mean_score"],
                 accuracy=result["accuracy"],
+                score_se=standard_error([o["score"] for o in result["per_prompt"]]),
+                accuracy_se=standard_error(verdicts),
                 images=cost["images"],
                 nfe=cost["nfe"],
                 verifier_calls=cost["verifier_calls"],
@@ -165,52 +184,96 @@ def _series(rows: Sequence[JobRow]) -> dict[str, list[JobRow]]:
     return grouped
 
 
-def best_per_budget(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The highest y at each x, by x: the preset's best (width, depth) at each budget."""
-    best: dict[float, float] = {}
-    for x, y in points:
-        best[x] = max(y, best.get(x, y))
-    return sorted(best.items())
+def best_per_budget(points: Sequence[tuple]) -> list[tuple]:
+    """The point of highest y at each x (the first of equals), by x: the preset's best (width, depth) at
+    each budget. Points are (x, y, ...): what follows y travels with it (its standard error)."""
+    best: dict[float, tuple] = {}
+    for point in points:
+        if point[0] not in best or point[1] > best[point[0]][1]:
+            best[point[0]] = tuple(point)
+    return [best[x] for x in sorted(best)]
 
 
 def _x(row: JobRow, key: str) -> float:
     return row.budget if key == "images" and row.budget is not None else getattr(row, key)
 
 
-def plot_scaling(rows: Sequence[JobRow]) -> Figure:
-    """Score (and accuracy, when any job has it) vs images and vs NFE per prompt: a dot per job, a line
-    per preset through its best job at each budget. A bare `Figure`: no pyplot state, no GUI backend.
+AXES = [("images", "images per prompt"), ("nfe", "NFE per prompt")]
+
+
+def scaling_lines(
+    rows: Sequence[JobRow], metric: str, x_key: str
+) -> dict[str, list[tuple[float, float, float | None]]]:
+    """Per series, its best job at each x as (x, metric, standard error): the plot's lines and W&B's.
 
     The images axis is the job's `search.budget` when it has one (a search stopped early at
     `search.stop_score` selects what its full budget would, so it belongs at that budget); the NFE axis
     is what the jobs actually spent."""
-    metrics = ["mean_score"] + (["accuracy"] if any(r.accuracy is not None for r in rows) else [])
+    lines = {}
+    for series, members in _series(rows).items():
+        points = [(_x(r, x_key), getattr(r, metric), getattr(r, STANDARD_ERROR[metric]))
+                  for r in members if getattr(r, metric) is not None]
+        if points:
+            lines[series] = best_per_budget(points)
+    return lines
+
+
+def readable_ticks(values: Sequence[float], factor: float = 1.3) -> list[float]:
+    """The distinct `values`, leaving out any within `factor` of the previous tick kept (log axis)."""
+    ticks: list[float] = []
+    for value in sorted(set(values)):
+        if not ticks or value >= ticks[-1] * factor:
+            ticks.append(value)
+    return ticks
+
+
+def plotted_metrics(rows: Sequence[JobRow]) -> list[str]:
+    """The verifier score, and accuracy when any job was checked."""
+    return ["mean_score"] + (["accuracy"] if any(r.accuracy is not None for r in rows) else [])
+
+
+def _prompt_count(rows: Sequence[JobRow]) -> str:
+    counts = sorted({row.prompts for row in rows})
+    return f"{counts[0]} prompts" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} prompts per job"
+
+
+def plot_scaling(rows: Sequence[JobRow]) -> Figure:
+    """Score (and accuracy, when any job has it) vs images and vs NFE per prompt: a dot per job, a line
+    per preset through its best job at each budget with +-1 standard-error bars over the prompts, ticks at
+    the budgets and NFE the jobs have. A bare `Figure`: no pyplot state, no GUI backend."""
+    metrics = plotted_metrics(rows)
     width, height = PANEL_INCHES
     figure = Figure(figsize=(2 * width, len(metrics) * height), dpi=DPI, layout="constrained")
     axes = figure.subplots(len(metrics), 2, squeeze=False)
+    grouped = _series(rows)
+    colors = {series: f"C{i % 10}" for i, series in enumerate(grouped)}
     for row_index, metric in enumerate(metrics):
-        for column, (x_key, x_label) in enumerate(
-            [("images", "images per prompt"), ("nfe", "NFE per prompt")]
-        ):
+        for column, (x_key, x_label) in enumerate(AXES):
             ax = axes[row_index][column]
-            for series_index, (series, members) in enumerate(_series(rows).items()):
-                color = f"C{series_index % 10}"
-                points = [
-                    (_x(r, x_key), getattr(r, metric)) for r in members if getattr(r, metric) is not None
-                ]
-                if not points:
-                    continue
-                ax.scatter(*zip(*points, strict=True), color=color, alpha=0.35, s=18)
-                ax.plot(*zip(*best_per_budget(points), strict=True), color=color, marker="o", label=series)
-            ax.set_xscale("log", base=2)  # ticks at powers of two: measured costs (early stop) are fractional
-            ax.xaxis.set_major_locator(LogLocator(base=2))
+            for series, line in scaling_lines(rows, metric, x_key).items():
+                color = colors[series]
+                members = [r for r in grouped[series] if getattr(r, metric) is not None]
+                dots = [(_x(r, x_key), getattr(r, metric)) for r in members]
+                ax.scatter(*zip(*dots, strict=True), color=color, alpha=0.35, s=18)
+                xs, ys, _ = zip(*line, strict=True)
+                ax.plot(xs, ys, color=color, marker="o", label=series)
+                bars = [(x, y, e) for x, y, e in line if e is not None]  # one prompt: no bar
+                ax.vlines([x for x, _, _ in bars], [y - e for _, y, e in bars], [y + e for _, y, e in bars],
+                          color=color, linewidth=1.5, alpha=0.8)
+            ticks = readable_ticks([_x(r, x_key) for r in rows])
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             ax.minorticks_off()
             ax.set_xlabel(x_label)
             ax.set_ylabel("verifier score" if metric == "mean_score" else "accuracy")
             ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    figure.suptitle("dots: every job; lines: each preset's best job at each budget", fontsize="small")
+    axes[0][0].legend(fontsize="small", title="best job per budget", title_fontsize="small")
+    figure.suptitle(
+        f"{_prompt_count(rows)}. Dots: every job; lines: each preset's best job at each budget, chosen on "
+        "these same prompts; bars: +-1 standard error over the prompts",
+        fontsize="small",
+    )
     return figure
 
 
@@ -239,6 +302,8 @@ def aggregate(root: str | os.PathLike, log_wandb: bool = False) -> dict[str, Pat
             png=paths["plot"],
             columns=COLUMNS,
             rows=[[getattr(row, c) for c in COLUMNS] for row in rows],
+            lines={(metric, x_key): scaling_lines(rows, metric, x_key)
+                   for metric in plotted_metrics(rows) for x_key, _ in AXES},
         )
     log.info("%d jobs -> %s, %s, %s", len(rows), *paths.values())
     return paths

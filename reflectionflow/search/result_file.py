@@ -11,7 +11,7 @@ from the job's run directory (`assess`, `read_budget`), built (`job_result`), wr
     stopped                           prompts whose search ended early at search.stop_score
     accuracy, checked                 share of prompts a checker passed (null without a checker)
     tags                              the same per GenEval tag
-    budget                            what was spent, as in summary.json: images, NFE, calls, attempts and
+    budget                            what was spent (the running summary.json's): images, NFE, calls, attempts and
                                       tokens per role, seconds per stage; plus the job's own wall time in
                                       seconds.job_setup / job_search / job_assess / job_total
     per_prompt_budget                 images, NFE, calls and tokens per prompt (the scaling plot's x axes)
@@ -208,8 +208,11 @@ def job_result(
 
 
 def write_result(run_dir: str | os.PathLike, result: Mapping[str, Any], suffix: str = "") -> Path:
+    """Write the result file; it replaces the running summary of the same shard (`summary<suffix>.json`,
+    a subset of it), so a finished run has one run-level file."""
     path = result_path(run_dir, suffix)
     write_json(path, result)
+    (Path(run_dir) / f"summary{suffix}.json").unlink(missing_ok=True)
     return path
 
 

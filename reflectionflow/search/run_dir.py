@@ -4,8 +4,10 @@ progress, and reading it back.
     <run>/<00000>/metadata.jsonl         the prompt's record (GenEval's original record for GenEval prompts)
     <run>/<00000>/samples/0000.png       the selected image (what GenEval evaluates)
     <run>/<00000>/candidates/rRR_cCC.png every image the search made (round RR, chain CC)
+    <run>/<00000>/search.png             contact sheet: chains x rounds, scores and reflections
     <run>/<00000>/search.json            every candidate's provenance and score, the budget; written last
-    <run>/summary.json                   run totals over finished prompts (per shard when sharded)
+    <run>/summary.json                   running totals while the job runs (per shard when sharded);
+                                         the job's result file (`result_file.write_result`) replaces it
 
 Folder names are prompt indices, never prompt text. A shard's own files carry `shard_suffix`
 (`summary.shard-00001-of-00004.json`). Every file is written to a temporary name and renamed into place;
@@ -27,10 +29,12 @@ from PIL import Image
 
 from reflectionflow.search.budget import Budget
 from reflectionflow.search.engine import PromptSearch
+from reflectionflow.search.search_sheet import search_sheet_png
 
 SEARCH_FILE = "search.json"
 METADATA_FILE = "metadata.jsonl"
 SELECTED_FILE = "samples/0000.png"
+SHEET_FILE = "search.png"
 PROMPT_FOLDER = re.compile(r"\d{5,}")  # the names `prompt_dir` gives
 
 
@@ -108,6 +112,7 @@ class RunWriter:
             for candidate in search.candidates:
                 atomic_write(folder / candidate.file, _png_bytes(candidate.image))
             atomic_write(folder / SELECTED_FILE, _png_bytes(search.best.image))
+            atomic_write(folder / SHEET_FILE, search_sheet_png(search))
         search_json = {
             "index": search.item.index,
             "prompt": search.item.prompt,

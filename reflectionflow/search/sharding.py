@@ -2,8 +2,8 @@
 
 A shard is every `num_shards`-th prompt starting at `shard_index` (`prompts.shard`). Shards write
 disjoint files: prompt folders are named by the prompt's index in the full set, and every per-process
-file (summary, result, Hydra's saved config, the job log) carries `run_dir.shard_suffix`. `merge_runs`
-joins the shards' prompt folders into one GenEval-layout directory with the summary and result an
+file (the running summary, the result, Hydra's saved config, the job log) carries `run_dir.shard_suffix`.
+`merge_runs` joins the shards' prompt folders into one GenEval-layout directory with the result file an
 unsharded run would have written.
 """
 
@@ -139,8 +139,8 @@ def _comparable(result: Mapping[str, Any]) -> dict[str, Any]:
 def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
     """Join shard run directories into `out` (may be one of them, e.g. shards that shared a run dir).
 
-    Copies every finished prompt folder, then writes `summary.json` (as `RunWriter` writes it) and
-    `result.json` over all prompts, from the shards' search.json files and per-prompt verdicts. Refuses
+    Copies every finished prompt folder, then writes `result.json` over all prompts (the result file
+    replaces the summary `RunWriter` keeps), from the shards' search.json files and per-prompt verdicts. Refuses
     unfinished prompts, a prompt found twice, missing shards and shards of different searches.
     """
     roots = list(dict.fromkeys(Path(s).resolve() for s in sources))

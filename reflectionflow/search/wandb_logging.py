@@ -3,7 +3,8 @@
 One run per job (job_type `search`), grouped by sweep: the live score and spending after every prompt, the
 result file's numbers in the run summary, and a table with one row per prompt: the selected image and, per
 round, a strip of every chain's image with their scores, reflections and prompts. Aggregation logs the
-scaling plot and table into one more run of the group (job_type `aggregate`). Configs are logged with
+scaling plot, its panels as native line plots, and the table into one more run of the group (job_type
+`aggregate`). Configs are logged with
 secrets redacted; API keys are never in the config in the first place (only their variables' names).
 """
 
@@ -155,15 +156,32 @@ class JobTracker:
 
 
 def log_scaling(
-    settings: WandbSettings, *, root: Path, png: Path, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    settings: WandbSettings,
+    *,
+    root: Path,
+    png: Path,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    lines: Mapping[tuple[str, str], Mapping[str, Sequence[tuple[float, float, float | None]]]],
 ) -> None:
-    """The sweep's scaling plot and table as one `aggregate` run in the sweep's group."""
+    """The sweep's scaling plot and table as one `aggregate` run in the sweep's group, and each panel of
+    the plot as a native W&B line plot (`scaling/<metric>_vs_<axis>`: a line per preset through its best
+    job at each budget; `lines` as `aggregation.scaling_lines` gives them)."""
     import wandb
 
     run = start_run(settings, name=f"{root.name}-scaling", job_type="aggregate", config={}, run_dir=root)
     try:
         table = wandb.Table(columns=list(columns), data=[list(row) for row in rows])
-        run.log({"scaling/plot": wandb.Image(str(png)), "scaling/table": table})
+        charts = {}
+        for (metric, axis), series in lines.items():
+            charts[f"scaling/{metric}_vs_{axis}"] = wandb.plot.line_series(
+                xs=[[x for x, _, _ in points] for points in series.values()],
+                ys=[[y for _, y, _ in points] for points in series.values()],
+                keys=list(series),
+                title=f"{metric.replace('_', ' ')} vs {axis} per prompt (best job per budget)",
+                xname=f"{axis} per prompt",
+            )
+        run.log({"scaling/plot": wandb.Image(str(png)), "scaling/table": table} | charts)
     finally:
         run.finish()
 
