@@ -13,6 +13,7 @@ from reflectionflow.shapes.world import (
     apply_reflection,
     check_image,
     detect_scene,
+    instruction_triplets,
     make_flawed,
     make_triplet,
     render_scene,
@@ -67,3 +68,15 @@ def test_a_passing_sample_of_the_same_prompt_makes_a_rule_triplet():
     flawed, _ = make_flawed(spec, scene, rng)
     triplet = make_triplet(spec, render_scene(flawed), rng, editing=True, good=passing)
     assert triplet.subset == "rule" and triplet.good is passing and triplet.reflection
+
+
+def test_an_instruction_edit_keeps_the_prompt_satisfied_and_only_the_reflection_says_what_changes():
+    triplets = list(instruction_triplets(30, seed=3))
+    assert {t.meta["flaw"] for t in triplets} == {"instruction_colour", "instruction_move"}
+    for triplet in triplets:
+        spec = PromptSpec.from_geneval(triplet.meta["geneval"])
+        assert check_image(triplet.bad, spec).correct and check_image(triplet.good, spec).correct
+        edited = apply_reflection(detect_scene(triplet.bad), triplet.reflection)
+        assert [(o.shape, o.color, o.cell) for o in detect_scene(render_scene(edited)).objects] == [
+            (o.shape, o.color, o.cell) for o in detect_scene(triplet.good).objects]
+        assert detect_scene(triplet.bad).objects != detect_scene(triplet.good).objects

@@ -33,6 +33,7 @@ from reflectionflow.shapes.world import (
     Triplet,
     check_image,
     heldout_eval_set,
+    instruction_triplets,
     make_flawed,
     make_triplet,
     render_scene,
@@ -128,6 +129,13 @@ def heldout_flawed_cases(n_per_category: int, image_size: int, seed: int) -> lis
     return cases
 
 
+def source(triplet: Triplet) -> str:
+    """model (a base-model sample), instruction (a free edit) or rendered (a flawed render)."""
+    if triplet.meta.get("flaw", "").startswith("instruction_"):
+        return "instruction"
+    return triplet.meta.get("source", "rendered")
+
+
 def triplet_stats(triplets: list[Triplet], model_counts: Counter, model_samples: int) -> dict[str, Any]:
     def per(key) -> dict[str, int]:
         return dict(sorted(Counter(key(t) for t in triplets).items()))
@@ -138,10 +146,10 @@ def triplet_stats(triplets: list[Triplet], model_counts: Counter, model_samples:
         "model_samples_already_correct": model_counts["already_correct"],
         "model_samples_unusable": model_counts["unusable"],
         "model_samples_reflector_error": model_counts["reflector_error"],
-        "by_source": per(lambda t: t.meta.get("source", "rendered")),
+        "by_source": per(source),
         "by_category": per(lambda t: t.meta["geneval"]["tag"]),
         "by_subset": per(lambda t: t.subset),
-        "by_source_and_subset": per(lambda t: f"{t.meta.get('source', 'rendered')}/{t.subset}"),
+        "by_source_and_subset": per(lambda t: f"{source(t)}/{t.subset}"),
     }
 
 
@@ -161,6 +169,9 @@ class ShapesTripletsDataModule(GenRefDataModule):
             paired with a passing sample of the same prompt (`rule`, as GenRef's rule-based pairs).
         rendered_tags / rendered_flaws: categories and flaw kinds of the flawed renders (null: all), to
             train on one edit type at a time.
+        instruction_edits: editing triplets whose flawed image satisfies the prompt and whose reflection asks
+            for an edit the prompt leaves open (`world.triplets.instruction_triplets`): only the reflection
+            says what to change, as in GenRef's instruction-editing pairs.
         sample_steps / sample_true_cfg_scale / sample_max_sequence_length / sample_batch: how the base
             model is sampled (as its own metrics sample it).
         image_size: side of the rendered and sampled images.
@@ -181,14 +192,15 @@ class ShapesTripletsDataModule(GenRefDataModule):
         rule_fraction: float = 0.0,
         rendered_tags: list[str] | None = None,
         rendered_flaws: list[str] | None = None,
+        instruction_edits: int = 0,
         image_size: int = 48,
         samples_per_shard: int = 500,
         seed: int = 0,
         **genref: Any,
     ):
-        if model_samples < 0 or rendered < 0 or model_samples + rendered == 0:
-            raise ValueError(f"data.model_samples ({model_samples}) and data.rendered ({rendered}) must be >= 0, "
-                             "not both 0")
+        if min(model_samples, rendered, instruction_edits) < 0 or model_samples + rendered + instruction_edits == 0:
+            raise ValueError(f"data.model_samples ({model_samples}), data.rendered ({rendered}) and "
+                             f"data.instruction_edits ({instruction_edits}) must be >= 0, not all 0")
         for name, value in (("editing_fraction", editing_fraction), ("rule_fraction", rule_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {value}")
@@ -209,6 +221,7 @@ class ShapesTripletsDataModule(GenRefDataModule):
             "rule_fraction": float(rule_fraction),
             "rendered_tags": list(rendered_tags or CATEGORIES),
             "rendered_flaws": None if rendered_flaws is None else list(rendered_flaws),
+            "instruction_edits": int(instruction_edits),
             "image_size": int(image_size),
             "samples_per_shard": int(samples_per_shard),
             "seed": int(seed),
@@ -239,7 +252,8 @@ class ShapesTripletsDataModule(GenRefDataModule):
         rendered = list(rendered_triplets(r["rendered"], seed=r["seed"], size=r["image_size"],
                                           editing_fraction=r["editing_fraction"], split="train",
                                           tags=tuple(r["rendered_tags"]), flaws=flaws))
-        triplets = model_triplets + rendered
+        instructions = list(instruction_triplets(r["instruction_edits"], seed=r["seed"], size=r["image_size"]))
+        triplets = model_triplets + rendered + instructions
         order = np.random.default_rng([r["seed"], 2]).permutation(len(triplets))  # mix sources across shards
         stats = triplet_stats(triplets, counts, r["model_samples"])
 

@@ -20,7 +20,12 @@ from reflectionflow.shapes.world.sampling import (
 )
 from reflectionflow.shapes.world.scene import Scene, ShapeObject, relation_holds
 from reflectionflow.shapes.world.spec import ObjectRequirement, PromptSpec
-from reflectionflow.shapes.world.triplets import Triplet, make_triplet, rendered_triplets
+from reflectionflow.shapes.world.triplets import (
+    Triplet,
+    instruction_triplets,
+    make_triplet,
+    rendered_triplets,
+)
 from reflectionflow.shapes.world.vocabulary import CAPTION, CATEGORIES, COLORS, DEFAULT_SIZE, SHAPES
 
 __all__ = [
@@ -49,6 +54,7 @@ __all__ = [
     "detect_objects",
     "detect_scene",
     "heldout_eval_set",
+    "instruction_triplets",
     "is_heldout",
     "make_flawed",
     "make_triplet",

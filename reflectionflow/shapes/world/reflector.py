@@ -14,7 +14,7 @@ import numpy as np
 from reflectionflow.shapes.world.checker import CheckResult
 from reflectionflow.shapes.world.editor import apply_edit, free_cells, matches
 from reflectionflow.shapes.world.edits import Add, Change, Edit, Move, ObjectRef, Remove, reflection_text
-from reflectionflow.shapes.world.scene import relation_holds
+from reflectionflow.shapes.world.scene import Scene, relation_holds
 from reflectionflow.shapes.world.vocabulary import INVERSE_RELATION
 
 PREFERRED_CELLS = ((1, 1), (1, 0), (1, 2), (0, 1), (2, 1), (0, 0), (0, 2), (2, 0), (2, 2))
@@ -35,6 +35,13 @@ def plan_edits(result: CheckResult, rng: np.random.Generator | None = None) -> l
     _add_missing(plan, result, rng)
     _fix_relations(plan)
     return plan.edits
+
+
+def object_ref(scene: Scene, index: int) -> ObjectRef:
+    """'the red circle', or 'the red circle on the left' when there are several red circles."""
+    obj = scene.objects[index]
+    ref = ObjectRef(obj.shape, obj.color)
+    return ref if matches(scene, ref) == [index] else ObjectRef(obj.shape, obj.color, obj.cell)
 
 
 class _Plan:
@@ -65,11 +72,7 @@ class _Plan:
         self.do(Remove(ref))
 
     def name(self, obj_id: int) -> ObjectRef:
-        """'the red circle', or 'the red circle on the left' when there are several red circles."""
-        index = self.ids.index(obj_id)
-        obj = self.scene.objects[index]
-        ref = ObjectRef(obj.shape, obj.color)
-        return ref if matches(self.scene, ref) == [index] else ObjectRef(obj.shape, obj.color, obj.cell)
+        return object_ref(self.scene, self.ids.index(obj_id))
 
     def standing_for(self, requirement: int) -> int | None:
         """Id of an object in the scene standing for `requirement`."""

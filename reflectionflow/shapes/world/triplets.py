@@ -10,21 +10,22 @@ generation); `general` when it is an independent correct render of the prompt.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from reflectionflow.shapes.world.checker import CheckResult, check_image
-from reflectionflow.shapes.world.editor import apply_edits
-from reflectionflow.shapes.world.edits import reflection_text
+from reflectionflow.shapes.world.checker import CheckResult, check_image, check_scene
+from reflectionflow.shapes.world.editor import apply_edits, free_cells
+from reflectionflow.shapes.world.edits import Change, Move, reflection_text
 from reflectionflow.shapes.world.flaws import applicable_flaws, make_flawed
-from reflectionflow.shapes.world.reflector import plan_edits
+from reflectionflow.shapes.world.reflector import object_ref, plan_edits
 from reflectionflow.shapes.world.render import render_scene
-from reflectionflow.shapes.world.sampling import sample_example, sample_scene
+from reflectionflow.shapes.world.sampling import place_in_cell, sample_example, sample_scene
+from reflectionflow.shapes.world.scene import RELATION_MARGIN, Scene, relation_holds
 from reflectionflow.shapes.world.spec import PromptSpec
-from reflectionflow.shapes.world.vocabulary import CATEGORIES, DEFAULT_SIZE
+from reflectionflow.shapes.world.vocabulary import CATEGORIES, COLORS, DEFAULT_SIZE, RELATIONS
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,70 @@ def rendered_triplets(
             made += 1
             yield triplet
     raise RuntimeError(f"only {made} of {n} flawed renders gave usable triplets")
+
+
+INSTRUCTION_KINDS = ("colour", "move")
+
+
+def instruction_triplets(
+    n: int, *, seed: int = 0, size: int = DEFAULT_SIZE, split: str = "train"
+) -> Iterator[Triplet]:
+    """`n` editing triplets whose flawed image already satisfies its prompt, with a reflection that asks for
+    an edit the prompt leaves open: recolour an object the prompt gives no colour, or move an object
+    relative to another where the prompt places neither. As the instruction-editing pairs of GenRef's
+    editing subset, only the reflection says what to change, so a corrector trained on them must read it
+    (on a fix of a prompt's violation the prompt and the image together already say most of it)."""
+    rng = np.random.default_rng([seed, 4])
+    made = 0
+    for _ in range(20 * n + 100):
+        if made == n:
+            return
+        spec, good = sample_example(rng, split)
+        kind = str(rng.choice(INSTRUCTION_KINDS))
+        edit = _colour_instruction(spec, good, rng) if kind == "colour" else _move_instruction(spec, good, rng)
+        if edit is None:
+            continue
+        flawed, instruction = edit
+        try:
+            edited = apply_edits(flawed, [instruction])
+        except ValueError:
+            continue
+        bad, target = render_scene(flawed, size), render_scene(edited, size)
+        if not (check_image(bad, spec).correct and check_image(target, spec).correct):
+            continue
+        made += 1
+        yield Triplet(spec.prompt, reflection_text([instruction]), bad, target, "editing",
+                      {"geneval": spec.to_geneval(), "flaw": f"instruction_{kind}", "problems": []})
+    raise RuntimeError(f"only {made} of {n} instruction edits could be made")
+
+
+def _colour_instruction(spec: PromptSpec, good: Scene, rng: np.random.Generator):
+    """(flawed scene, the Change that restores `good`): an object whose colour the prompt leaves open,
+    recoloured."""
+    assignment = check_scene(good, spec).assignment
+    free = [j for i, req in enumerate(spec.include) if req.color is None for j in assignment[i]]
+    if not free:
+        return None
+    j = int(rng.choice(free))
+    original = good.objects[j]
+    flawed = good.replaced(j, replace(original, color=str(rng.choice([c for c in COLORS if c != original.color]))))
+    return flawed, Change(object_ref(flawed, j), color=original.color)
+
+
+def _move_instruction(spec: PromptSpec, good: Scene, rng: np.random.Generator):
+    """(flawed scene, the Move that restores a relation of `good`): where the prompt places nothing, an
+    object moved to a free cell where its relation to another object no longer holds."""
+    if any(req.position is not None for req in spec.include) or len(good) < 2:
+        return None
+    a, b = (int(k) for k in rng.choice(len(good), 2, replace=False))
+    mover, anchor = good.objects[a], good.objects[b]
+    held = [r for r in RELATIONS if relation_holds(mover, r, anchor, RELATION_MARGIN)]
+    if not held:
+        return None
+    relation = str(rng.choice(held))
+    away = [moved for cell in free_cells(good, skip={a})
+            if not relation_holds(moved := place_in_cell(mover.shape, mover.color, cell, rng), relation, anchor)]
+    if not away:
+        return None
+    flawed = good.replaced(a, away[int(rng.integers(len(away)))])
+    return flawed, Move(object_ref(flawed, a), relation, object_ref(flawed, b))
