@@ -235,9 +235,10 @@ def test_fsdp2_prodigy_checkpoint_holds_exactly_the_lora_and_its_optimizer_state
 def _corrector_pipeline(tiny_flux_path, **kwargs):
     from reflectionflow.models.lora import add_lora
     from reflectionflow.models.pipeline import ReflectionFluxPipeline
+    from reflectionflow.models.settings import CorrectorSettings
 
-    pipe = ReflectionFluxPipeline.from_pretrained(str(tiny_flux_path), condition_size=32, max_sequence_length=16,
-                                                  **kwargs)
+    settings = CorrectorSettings(condition_size=32, max_sequence_length=16, attention=kwargs.pop("attention", "union"))
+    pipe = ReflectionFluxPipeline.from_pretrained(str(tiny_flux_path), settings=settings, **kwargs)
     add_lora(pipe.transformer, rank=4)
     torch.manual_seed(1)
     for name, p in pipe.transformer.named_parameters():

@@ -24,7 +24,8 @@ def shapes_flux(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux")
     build_autoencoder((8, 8, 8, 8), 16, 1, 4).save_pretrained(root / "vae-product" / "vae")
     t5 = {"d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
-    TextEncoderModule(t5, probe_examples=40).export(root / "text-product")
+    clip = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    TextEncoderModule(t5, clip, probe_examples=40).export(root / "text-product")
     pipe = build_flux_pipeline(
         str(root / "vae-product"),
         str(root / "text-product"),
@@ -35,7 +36,6 @@ def shapes_flux(tmp_path_factory):
             "attention_head_dim": 16,
             "axes_dims_rope": [4, 6, 6],
         },
-        clip={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
     )
     pipe.save_pretrained(root / "pipe")
     return root / "pipe"

@@ -177,8 +177,6 @@ def test_cached_latents_equal_fresh_encodings_and_are_encoded_once(products, mon
         text_path=str(text),
         transformer=dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
                          axes_dims_rope=[4, 6, 6]),
-        clip=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  projection_dim=16),
     )
     stream = iter(ShapesPairs("train", 48, seed=0, pool_size=4))
     samples = [next(stream) for _ in range(4)]

@@ -12,7 +12,7 @@ from reflectionflow.shapes.text import (
     KINDS,
     TextEncoderModule,
     edit_labels,
-    load_text_encoder,
+    load_text_encoders,
     sample_sentence,
     shapes_tokenizers,
 )
@@ -91,23 +91,27 @@ def test_text_recipe_trains_and_its_frozen_encoder_serves_the_base_recipe(tmp_pa
     metrics = json.loads((text / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and set(metrics["probe"]) == set(metrics["probe_untrained"])
     assert set(metrics["probe"]["edit"]) == {"probe", "majority", "examples"}
-    _, tokenizer, encoder = load_text_encoder(text)
-    assert not any(p.requires_grad for p in encoder.parameters())
+    before = load_text_encoders(text)
+    for name in ("text_encoder", "text_encoder_2"):
+        assert not any(p.requires_grad for p in before[name].parameters())
     vae = build_fast(cache, runs, "shapes_vae")
-    module_before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    base = build_fast(cache, runs, "shapes_base", f"model.vae_path={vae}", f"model.text_path={text}")
-    _, _, trained_with = load_text_encoder(base.parent / base.name)  # the base product's own T5 folder
-    after = trained_with.state_dict()
-    assert all(torch.equal(module_before[k], after[k]) for k in module_before)  # frozen through training
+    base = build_fast(cache, runs, "shapes_base", f"model.vae_path={vae}", f"model.text_path={text}",
+                      "model.pooled_dropout=0.5")
+    after = load_text_encoders(base)  # the base product's own text encoder folders
+    for name in ("text_encoder", "text_encoder_2"):  # both frozen through the base's training
+        old, new = before[name].state_dict(), after[name].state_dict()
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
 
 
 def test_masking_hides_only_words():
     module = TextEncoderModule({"d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2},
-                               mask_fraction=0.5, probe_examples=40)
-    batch = module.tokenizer(["a photo of a red circle"] * 8, padding="max_length", max_length=12,
-                             return_tensors="pt")
-    masked, labels = module._masked(batch.input_ids, batch.attention_mask, torch.Generator().manual_seed(0))
-    chosen = labels != -100
-    assert chosen.any() and not chosen[batch.attention_mask == 0].any()
-    assert not chosen[batch.input_ids == module.tokenizer.eos_token_id].any()
-    assert (masked[~chosen] == batch.input_ids[~chosen]).all()
+                               {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                "num_attention_heads": 2}, mask_fraction=0.5, probe_examples=40)
+    for task in module.tasks.values():  # T5's and CLIP's
+        tokenizer = task.tokenizer
+        batch = tokenizer(["a photo of a red circle"] * 8, padding="max_length", max_length=12, return_tensors="pt")
+        masked, labels = task.masked(batch.input_ids, batch.attention_mask, 0.5, torch.Generator().manual_seed(0))
+        chosen = labels != -100
+        assert chosen.any() and not chosen[batch.attention_mask == 0].any()
+        assert not chosen[torch.isin(batch.input_ids, torch.tensor(tokenizer.all_special_ids))].any()
+        assert (masked[~chosen] == batch.input_ids[~chosen]).all() and (masked == task.mask_id).any()

@@ -31,6 +31,7 @@ REFLECTION_WORDS = (
 
 
 SENTENCE_PUNCTUATION = ".,;:!?"
+CLIP_MASK_TOKEN = "<|mask|>"
 
 
 def _corpus() -> list[str]:
@@ -54,7 +55,7 @@ def build_tokenizers(corpus: list[str], extra_ids: int = 0):
     """A byte-level BPE CLIP tokenizer and a Unigram T5 tokenizer whose vocabularies are the words of
     `corpus`: every corpus word is one T5 token (sentence punctuation its own), any other text falls back
     to characters. `extra_ids` T5 sentinels (`<extra_id_0>`, ...) follow the vocabulary, as T5's do (its
-    pretraining masks with them). CLIP's merges spell each word, but merges of more frequent words can win first ("green"
+    pretraining masks with them); with any, CLIP gets a `<|mask|>` token too, for masked-LM pretraining. CLIP's merges spell each word, but merges of more frequent words can win first ("green"
     -> g, re, e, n): distinct words stay distinct sequences, not always single tokens.
 
     Built by rule, not by the `tokenizers` trainers (whose merges and scores vary run to run), so the
@@ -76,7 +77,11 @@ def build_tokenizers(corpus: list[str], extra_ids: int = 0):
             if pieces[0] not in vocab:
                 vocab[pieces[0]] = len(vocab)
                 merges.append(pair)
+    if extra_ids:
+        vocab[CLIP_MASK_TOKEN] = len(vocab)
     clip = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    if extra_ids:
+        clip.add_special_tokens({"mask_token": CLIP_MASK_TOKEN})
 
     specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     whole_words = [("\u2581" + word, math.log(count) - 1.0) for word, count in _word_counts(corpus, lower=False)]

@@ -1,8 +1,12 @@
 """A FLUX-architecture text-to-image model trained from scratch: the shapes world's base model.
 
-`FluxTransformer2DModel` and a CLIP text encoder at toy size are trained jointly with the shared
-flow-matching loss (`models.flow_matching`) on (prompt or detailed caption, image) pairs encoded by a
-frozen domain VAE; the T5 encoder is the text recipe's, pretrained and frozen, as FLUX's T5-XXL.
+A toy-size `FluxTransformer2DModel` is trained with the shared flow-matching loss (`models.flow_matching`)
+on (prompt or detailed caption, image) pairs encoded by the frozen domain VAE, reading the text recipe's
+pretrained CLIP and T5 encoders, frozen as FLUX's are.
+With `pooled_dropout` the pooled CLIP vector is that of "" for a share of the examples while T5 reads the
+prompt, so the model learns to read a prompt's detail from T5's tokens, as FLUX does and as the corrector
+must (its reflection reaches it through T5 only): trained without it, the miniature drew from the pooled
+vector alone (another prompt's T5 tokens cost 3 points, another prompt's pooled vector 29, docs/shapes.md).
 Classifier-free guidance comes from prompt dropout: both encoders read "" (what `ReflectionFluxPipeline`'s
 `true_cfg_scale` feeds a base model's unconditional branch, as FluxPipeline with `negative_prompt=""`;
 a pooled prompt kept in that branch would carry the prompt into it and leave nothing for guidance). The
@@ -25,40 +29,32 @@ from reflectionflow.models.flow_matching import flow_matching_loss
 from reflectionflow.models.latent_cache import LatentCache
 from reflectionflow.models.optim import build_optimizers
 from reflectionflow.models.pipeline import ReflectionFluxPipeline, encode_images, quiet_prompt_truncation
-from reflectionflow.models.tiny import clip_text_encoder, flux_dev_scheduler
+from reflectionflow.models.tiny import flux_dev_scheduler
 from reflectionflow.shapes.evaluation import Judged, accuracy_by_category, judge, verdict_sheet
-from reflectionflow.shapes.text import load_text_encoder
+from reflectionflow.shapes.text import load_text_encoders
 from reflectionflow.shapes.world import heldout_eval_set
 
 log = logging.getLogger(__name__)
 
 
-def build_flux_pipeline(vae_path: str, text_path: str, transformer: dict, clip: dict, seed: int = 0):
-    """A FluxPipeline of a fresh toy-size transformer and CLIP text encoder around the trained VAE and the
-    pretrained, frozen T5 encoder (and the tokenizers) of the text recipe."""
+def build_flux_pipeline(vae_path: str, text_path: str, transformer: dict, seed: int = 0):
+    """A FluxPipeline of a fresh toy-size transformer around the trained VAE and the pretrained, frozen
+    text encoders (and tokenizers) of the text recipe, as FLUX's transformer is trained on frozen ones."""
     from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 
-    clip_tok, t5_tok, text_encoder_2 = load_text_encoder(text_path)
+    text = load_text_encoders(text_path)
     vae = AutoencoderKL.from_pretrained(Path(vae_path) / "vae")
     torch.manual_seed(seed)
-    text_encoder = clip_text_encoder(clip_tok, **clip)
     model = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * vae.config.latent_channels,
-        joint_attention_dim=text_encoder_2.config.d_model,
-        pooled_projection_dim=clip["hidden_size"],
+        joint_attention_dim=text["text_encoder_2"].config.d_model,
+        pooled_projection_dim=text["text_encoder"].config.hidden_size,
         guidance_embeds=False,
         **transformer,
     )
-    return FluxPipeline(
-        transformer=model,
-        vae=vae.requires_grad_(False).eval(),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=clip_tok,
-        tokenizer_2=t5_tok,
-        scheduler=flux_dev_scheduler(),
-    )
+    return FluxPipeline(transformer=model, vae=vae.requires_grad_(False).eval(), scheduler=flux_dev_scheduler(),
+                        **text)
 
 
 @torch.no_grad()
@@ -93,8 +89,8 @@ class TextToImageModule(L.LightningModule):
         vae_path: str,
         text_path: str,
         transformer: dict,
-        clip: dict,
         prompt_dropout: float = 0.1,
+        pooled_dropout: float = 0.0,
         max_sequence_length: int = 24,
         timestep_mean: float = 0.0,
         timestep_std: float = 1.0,
@@ -113,14 +109,13 @@ class TextToImageModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         quiet_prompt_truncation()
         # The pipeline is no nn.Module: the frozen VAE stays out of parameters and checkpoints.
-        self.pipe = build_flux_pipeline(vae_path, text_path, dict(transformer), dict(clip), seed)
-        self.transformer = self.pipe.transformer.train()
-        self.text_encoder = self.pipe.text_encoder.train()  # T5 (pipe.text_encoder_2) stays frozen
+        self.pipe = build_flux_pipeline(vae_path, text_path, dict(transformer), seed)
+        self.transformer = self.pipe.transformer.train()  # the text encoders stay frozen
         self.latent_cache = LatentCache() if cache_latents else None
 
     def on_fit_start(self) -> None:
-        self.pipe.vae.to(self.device)
-        self.pipe.text_encoder_2.to(self.device)
+        for frozen in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
+            frozen.to(self.device)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -134,8 +129,10 @@ class TextToImageModule(L.LightningModule):
         x0 = self.latents(batch)
         keep = torch.rand(b, generator=generator, device=self.device) >= hp.prompt_dropout
         prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist(), strict=True)]
+        keep_pooled = torch.rand(b, generator=generator, device=self.device) >= hp.pooled_dropout
+        clip_texts = [p if k else "" for p, k in zip(prompts, keep_pooled.tolist(), strict=True)]
         t5, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=hp.max_sequence_length
+            prompt=clip_texts, prompt_2=prompts, device=self.device, max_sequence_length=hp.max_sequence_length
         )
         scale = self.pipe.vae_scale_factor
         img_ids = latent_ids(pixels.shape[-2] // scale, pixels.shape[-1] // scale, device=self.device)
@@ -170,8 +167,7 @@ class TextToImageModule(L.LightningModule):
         sheet of held-out samples with the checker's verdicts (samples.png)."""
         hp = self.hparams
         self.pipe.to("cpu")
-        for module in (self.transformer, self.text_encoder):
-            module.eval()
+        self.transformer.eval()
         path.mkdir(parents=True, exist_ok=True)
         self.pipe.save_pretrained(path, safe_serialization=True)
         metrics, judged = sample_accuracy(

@@ -9,8 +9,9 @@ tokens hidden behind T5's sentinel `<extra_id_0>`, predicted through the tied em
 image: the held-out split is about which (prompt, image) pairs the base model sees, so held-out prompts
 are sentences of the language like any other.
 
-The product (`export`) is the tokenizers and the encoder in diffusers-pipeline folder names
-(`tokenizer/`, `tokenizer_2/`, `text_encoder_2/`) and `metrics.json`: masked-token accuracy and a linear
+The CLIP text tower is pretrained the same way beside it (its pooled vector is the corrector's prompt).
+The product (`export`) is the tokenizers and the encoders in diffusers-pipeline folder names
+(`tokenizer/`, `tokenizer_2/`, `text_encoder/`, `text_encoder_2/`) and `metrics.json`: masked-token accuracy and a linear
 probe on the frozen features of held-out reflections (edit type, the object's colour and shape before
 and after, the cell), next to the same probe on an untrained encoder of the same shape.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from webdataset.utils import pytorch_worker_info
 
 from reflectionflow.data.transforms import t5_text
 from reflectionflow.models.optim import build_optimizers
-from reflectionflow.models.tiny import REFLECTION_WORDS, build_tokenizers, t5_encoder
+from reflectionflow.models.tiny import REFLECTION_WORDS, build_tokenizers, clip_text_encoder, t5_encoder
 from reflectionflow.shapes.world import (
     CATEGORIES,
     all_specs,
@@ -207,11 +209,55 @@ def probe_accuracies(
 # The recipe
 
 
+@dataclass(frozen=True)
+class MaskedLM:
+    """One encoder's masked-LM task: its tokenizer, mask token and first word id (random replacements are
+    words, never special tokens)."""
+
+    encoder: torch.nn.Module
+    tokenizer: Any
+    mask_id: int
+    first_word_id: int
+
+    def masked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fraction: float,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked input ids, labels with -100 where nothing is predicted): padding and special tokens stay."""
+        special = torch.tensor(self.tokenizer.all_special_ids, device=input_ids.device)
+        maskable = attention_mask.bool() & ~torch.isin(input_ids, special)
+        draws = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+        chosen = maskable & (draws < fraction)
+        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+        how = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+        random_ids = torch.randint(self.first_word_id, self.mask_id, input_ids.shape, generator=generator,
+                                   device=input_ids.device)
+        masked = torch.where(chosen & (how < 0.8), torch.full_like(input_ids, self.mask_id), input_ids)
+        masked = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, masked)
+        return masked, labels
+
+    def loss(self, texts: list[str], length: int, fraction: float, generator: torch.Generator):
+        """(cross-entropy, accuracy) on the masked tokens of `texts`, through the tied embedding as LM head."""
+        device = self.encoder.device
+        batch = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                               return_tensors="pt").to(device)
+        masked, labels = self.masked(batch.input_ids, batch.attention_mask, fraction, generator)
+        hidden = self.encoder(input_ids=masked, attention_mask=batch.attention_mask).last_hidden_state
+        logits = hidden @ self.encoder.get_input_embeddings().weight.T
+        picked = labels != -100
+        loss = F.cross_entropy(logits[picked], labels[picked])
+        return loss, (logits[picked].argmax(-1) == labels[picked]).float().mean()
+
+
 class TextEncoderModule(L.LightningModule):
-    """Masked-LM pretraining of the tiny T5 encoder on the shapes language.
+    """Masked-LM pretraining of the tiny T5 encoder and the CLIP text tower on the shapes language.
+
+    Both are frozen afterwards, as FLUX's: the base model then cannot tailor CLIP's pooled vector into a
+    private code for its prompts, and reads their detail from T5's tokens as FLUX does (which is where a
+    reflection reaches the corrector). CLIP's causal attention makes its masked-LM a left-to-right one.
 
     Args:
         t5: T5 encoder sizes (d_model, d_kv, d_ff, num_layers, num_heads, relative_attention_num_buckets).
+        clip: CLIP text tower sizes (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+            projection_dim).
         mask_fraction: tokens masked per sentence (BERT's split: 80% mask token, 10% random, 10% kept).
         max_sequence_length: padded length of every text (the longest caption is 32 tokens).
         probe_examples: reflections of the probe at export (a quarter held out).
@@ -220,6 +266,7 @@ class TextEncoderModule(L.LightningModule):
     def __init__(
         self,
         t5: dict,
+        clip: dict,
         mask_fraction: float = 0.15,
         max_sequence_length: int = 40,
         probe_examples: int = 2000,
@@ -232,45 +279,32 @@ class TextEncoderModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.clip_tokenizer, self.tokenizer = shapes_tokenizers()
-        self.mask_id = self.tokenizer.convert_tokens_to_ids(MASK_TOKEN)
         torch.manual_seed(seed)
         self.encoder = t5_encoder(self.tokenizer, **t5)
+        self.clip_encoder = clip_text_encoder(self.clip_tokenizer, **clip)
+        self.tasks = {
+            "t5": MaskedLM(self.encoder, self.tokenizer, self.tokenizer.convert_tokens_to_ids(MASK_TOKEN), 3),
+            "clip": MaskedLM(self.clip_encoder, self.clip_tokenizer, self.clip_tokenizer.mask_token_id, 2),
+        }
 
     def configure_optimizers(self):
         return build_optimizers(self.parameters(), self.optimizer_factory, self.lr_scheduler_factory, 1e-3)
 
-    def _masked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator):
-        """(masked input ids, labels with -100 where nothing is predicted): padding and </s> stay."""
-        eos = self.tokenizer.eos_token_id
-        maskable = attention_mask.bool() & (input_ids != eos)
-        draws = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
-        chosen = maskable & (draws < self.hparams.mask_fraction)
-        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
-        how = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
-        random_ids = torch.randint(3, self.mask_id, input_ids.shape, generator=generator, device=input_ids.device)
-        masked = torch.where(chosen & (how < 0.8), torch.full_like(input_ids, self.mask_id), input_ids)
-        masked = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, masked)
-        return masked, labels
-
-    def mlm_loss(self, texts: list[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cross-entropy, accuracy) on the masked tokens of `texts`."""
-        batch = self.tokenizer(texts, padding="max_length", max_length=self.hparams.max_sequence_length,
-                               truncation=True, return_tensors="pt").to(self.device)
-        masked, labels = self._masked(batch.input_ids, batch.attention_mask, generator)
-        hidden = self.encoder(input_ids=masked, attention_mask=batch.attention_mask).last_hidden_state
-        logits = hidden @ self.encoder.get_input_embeddings().weight.T  # the tied embedding as the LM head
-        picked = labels != -100
-        loss = F.cross_entropy(logits[picked], labels[picked])
-        accuracy = (logits[picked].argmax(-1) == labels[picked]).float().mean()
-        return loss, accuracy
+    def mlm_losses(self, texts: list[str], generator: torch.Generator) -> dict[str, tuple[torch.Tensor, ...]]:
+        hp = self.hparams
+        return {name: task.loss(texts, hp.max_sequence_length, hp.mask_fraction, generator)
+                for name, task in self.tasks.items()}
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(self.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
         texts = batch["text"]
-        loss, accuracy = self.mlm_loss(texts, generator)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(texts))
-        self.log("train/masked_accuracy", accuracy, batch_size=len(texts))
-        return loss
+        losses = self.mlm_losses(texts, generator)
+        for name, (loss, accuracy) in losses.items():
+            self.log(f"train/{name}_loss", loss, batch_size=len(texts))
+            self.log(f"train/{name}_masked_accuracy", accuracy, batch_size=len(texts))
+        total = sum(loss for loss, _ in losses.values())
+        self.log("train/loss", total, prog_bar=True, batch_size=len(texts))
+        return total
 
     def probe(self, encoder) -> dict[str, dict[str, float]]:
         length = self.hparams.max_sequence_length
@@ -279,35 +313,43 @@ class TextEncoderModule(L.LightningModule):
 
     @torch.no_grad()
     def export(self, path: Path) -> None:
-        """Tokenizers and the encoder in pipeline folder names, and metrics.json (masked accuracy, probes)."""
+        """Tokenizers and encoders in pipeline folder names, and metrics.json (masked accuracy, probes)."""
         hp = self.hparams
-        self.encoder.to("cpu").eval()
+        self.to("cpu").eval()
         path.mkdir(parents=True, exist_ok=True)
         self.clip_tokenizer.save_pretrained(path / "tokenizer")
         self.tokenizer.save_pretrained(path / "tokenizer_2")
+        self.clip_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
         self.encoder.save_pretrained(path / "text_encoder_2", safe_serialization=True)
         held_out = [sample_sentence(np.random.default_rng([hp.seed, 9, i]), KINDS[i % len(KINDS)])
                     for i in range(512)]
-        loss, accuracy = self.mlm_loss(held_out, torch.Generator().manual_seed(hp.seed + 1))
+        losses = self.mlm_losses(held_out, torch.Generator().manual_seed(hp.seed + 1))
         torch.manual_seed(hp.seed + 1)
         untrained = t5_encoder(self.tokenizer, **dict(hp.t5)).eval()
         metrics = {
             "global_step": self.global_step,
-            "masked_loss": float(loss),
-            "masked_accuracy": float(accuracy),
+            "masked_loss": float(losses["t5"][0]),
+            "masked_accuracy": float(losses["t5"][1]),
+            "clip_masked_loss": float(losses["clip"][0]),
+            "clip_masked_accuracy": float(losses["clip"][1]),
             "probe": self.probe(self.encoder),
             "probe_untrained": self.probe(untrained),
         }
-        log.info("text encoder: masked-token accuracy %.3f; probe %s (untrained %s)", metrics["masked_accuracy"],
+        log.info("text encoders: masked-token accuracy T5 %.3f, CLIP %.3f; probe %s (untrained %s)",
+                 metrics["masked_accuracy"], metrics["clip_masked_accuracy"],
                  {k: round(v["probe"], 3) for k, v in metrics["probe"].items()},
                  {k: round(v["probe"], 3) for k, v in metrics["probe_untrained"].items()})
         (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-def load_text_encoder(path: str | Path):
-    """(CLIP tokenizer, T5 tokenizer, frozen T5 encoder) of a `shapes_text` product."""
-    from transformers import CLIPTokenizer, T5EncoderModel, T5Tokenizer
+def load_text_encoders(path: str | Path) -> dict[str, Any]:
+    """The frozen tokenizers and encoders of a `shapes_text` product, by FluxPipeline component name."""
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
     path = Path(path)
-    encoder = T5EncoderModel.from_pretrained(path / "text_encoder_2").requires_grad_(False).eval()
-    return CLIPTokenizer.from_pretrained(path / "tokenizer"), T5Tokenizer.from_pretrained(path / "tokenizer_2"), encoder
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(path / "tokenizer"),
+        "tokenizer_2": T5Tokenizer.from_pretrained(path / "tokenizer_2"),
+        "text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder").requires_grad_(False).eval(),
+        "text_encoder_2": T5EncoderModel.from_pretrained(path / "text_encoder_2").requires_grad_(False).eval(),
+    }
