@@ -2,7 +2,7 @@
 
 Composes `reflectionflow/conf/train/train.yaml`, resolves `recipe://` references (training missing recipes
 first), checks the cheap things (strategy, model path, shards) so bad input fails in one line before any
-model loads, then builds everything with `hydra.utils.instantiate` and runs a Lightning `Trainer.fit`. `resume=true` continues from `<run dir>/checkpoints/last.ckpt`.
+model loads, then builds everything with `hydra.utils.instantiate` and runs a Lightning `Trainer.fit`. `resume=true` continues from the newest checkpoint in `<run dir>/checkpoints/`.
 """
 
 from __future__ import annotations
@@ -112,17 +112,19 @@ def check_text_embedding_settings(cfg: DictConfig, settings: dict) -> None:
 
 
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
-    """`ckpt_path=...` as given, or with `resume=true` the run directory's `last.ckpt` if there is one."""
+    """`ckpt_path=...` as given, or with `resume=true` the run directory's newest complete checkpoint."""
+    from reflectionflow.models.callbacks import newest_complete_checkpoint
+
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
         if not path.exists():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
         return str(path)
     if cfg.get("resume"):
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.exists():
-            return str(last)
-        log.warning("resume=true but %s does not exist: starting from scratch", last)
+        newest = newest_complete_checkpoint(run_dir / "checkpoints")
+        if newest is not None:
+            return str(newest)
+        log.warning("resume=true but %s holds no checkpoint: starting from scratch", run_dir / "checkpoints")
     return None
 
 

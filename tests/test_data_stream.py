@@ -1,6 +1,8 @@
 """The GenRef stream through GenRefDataModule: mixing, splitting, drops, faults, shapes, replayable resume."""
 
 import itertools
+import struct
+import zlib
 from collections import Counter
 
 import pytest
@@ -163,11 +165,46 @@ def test_broken_samples_are_skipped_and_counted_and_every_good_sample_yielded(br
     assert sorted(keys) == [f"{shard:04d}-{i:06d}" for shard in range(2) for i in range(12)]
     assert datamodule.skipped_counts() == {
         "corrupt_jpeg": 4,
+        "oversized_image": 0,
         "missing_key": 2,
         "empty_member": 2,
         "truncated_tar": 1,
         "unreadable_shard": 0,
     }
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG claiming `width` x `height` RGB in its header, with (almost) no pixel data: PIL reads the size
+    from the header, so nothing of that size is allocated here."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def test_an_image_claiming_too_many_pixels_is_skipped_undecoded_and_counted(tmp_path, monkeypatch):
+    import webdataset as wds
+
+    from reflectionflow.data.sources import read_shard
+
+    [good] = write_synthetic_shards(tmp_path / "good", 1, 3, image_size=16, seed=3)
+    shard = tmp_path / "bomb.tar"
+    with wds.TarWriter(str(shard), mtime=0) as writer:
+        for i, raw in enumerate(read_shard(str(good), Counter())):
+            members = {**raw.members, "good_image.jpg": png_header(13000, 13000)} if i == 1 else raw.members
+            writer.write({"__key__": raw.key, **members})
+    decoded = []
+    decode = stream_module.decode_pair
+    monkeypatch.setattr(stream_module, "decode_pair", lambda *a, **k: decoded.append(a[0]) or decode(*a, **k))
+
+    datamodule = _datamodule([str(shard)], resampled=False, batch_size=3)
+    keys = [key for batch in _batches(datamodule) for key in batch["key"]]
+    assert keys == ["0000-000000", "0000-000002"]
+    skipped = datamodule.skipped_counts()
+    assert skipped["oversized_image"] == 1 and skipped["corrupt_jpeg"] == 0
+    assert len(decoded) == 2 and all(not data.startswith(b"\x89PNG") for data in decoded)  # never decoded
 
 
 def test_shapes_and_ranges_for_condition_64_target_128(tmp_path):

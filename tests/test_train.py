@@ -120,16 +120,69 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, cache):
     common = ["checkpoint.every_n_steps=2", "callbacks.validation=null", "data.num_workers=2"]
     run_in_process(tmp_path / "straight", "trainer.max_steps=4", *common)
     run_in_process(tmp_path / "stopped", "trainer.max_steps=2", *common)
-    run_in_process(tmp_path / "stopped", "trainer.max_steps=4", "resume=true", "logger.csv.version=resumed", *common)
+    first = losses(tmp_path / "stopped" / "logs" / "metrics.csv")
+    run_in_process(tmp_path / "stopped", "trainer.max_steps=4", "resume=true", *common)
 
     straight = losses(tmp_path / "straight" / "logs" / "metrics.csv")
-    first = losses(tmp_path / "stopped" / "logs" / "metrics.csv")
-    second = losses(tmp_path / "stopped" / "logs" / "resumed" / "metrics.csv")
-    assert sorted(first) == [0, 1] and sorted(second) == [2, 3]
-    assert {**first, **second} == straight
+    both = losses(tmp_path / "stopped" / "logs" / "metrics.csv")  # the resumed launch appends its rows
+    assert sorted(first) == [0, 1] and sorted(both) == [0, 1, 2, 3]
+    assert both == straight
     a = load_file(tmp_path / "straight" / "lora" / "final" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "stopped" / "lora" / "final" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+CHECKPOINTED = [
+    "trainer.max_steps=4",
+    "checkpoint.every_n_steps=1",
+    "checkpoint.keep_last=2",
+    "callbacks.validation=null",
+    "callbacks.validation_metrics=null",
+    "callbacks.lora=null",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory, cache):
+    """A finished 4-step run checkpointed every step, keeping 2: step-3, step-4 and last.ckpt -> step-4."""
+    run_dir = tmp_path_factory.mktemp("checkpointed") / "run"
+    run_in_process(run_dir, *CHECKPOINTED)
+    return run_dir
+
+
+def checkpoint_files(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def test_resume_after_a_kill_between_a_checkpoint_and_last_takes_the_newest(tmp_path, checkpointed_run):
+    """As if killed after writing step-4.ckpt, before removing step-2.ckpt and relinking last.ckpt."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run_dir, symlinks=True)
+    checkpoints = run_dir / "checkpoints"
+    shutil.copy(checkpoints / "step-0000003.ckpt", checkpoints / "step-0000002.ckpt")
+    (checkpoints / "last.ckpt").unlink()
+    (checkpoints / "last.ckpt").symlink_to("step-0000003.ckpt")
+
+    trainer = run_in_process(run_dir, *CHECKPOINTED, "trainer.max_steps=6", "resume=true")
+    assert Path(trainer.ckpt_path).name == "step-0000004.ckpt"
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == [0, 1, 2, 3, 4, 5]  # the resumed launch starts at step 4, after the first launch's rows
+    assert checkpoint_files(run_dir) == ["last.ckpt", "step-0000005.ckpt", "step-0000006.ckpt"]
+    assert os.readlink(checkpoints / "last.ckpt") == "step-0000006.ckpt"
+
+
+def test_a_moved_run_directory_resumes_into_its_own_last_ckpt_and_prunes(tmp_path, checkpointed_run):
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(checkpointed_run, moved, symlinks=True)
+    run_in_process(moved, *CHECKPOINTED, "trainer.max_steps=6", "resume=true")
+    # no last-v1.ckpt beside last.ckpt, and the old step files pruned
+    assert checkpoint_files(moved) == ["last.ckpt", "step-0000005.ckpt", "step-0000006.ckpt"]
+    assert os.readlink(moved / "checkpoints" / "last.ckpt") == "step-0000006.ckpt"
 
 
 def test_wandb_offline_run_holds_the_validation_panel(tmp_path, cache):
@@ -219,7 +272,7 @@ def test_resume_after_the_process_was_killed(tmp_path, cache):
     process.wait()
     assert not (killed_dir / "lora" / "final").exists(), "the run finished before it was killed"
 
-    resumed = run_cli(killed_dir, *common, "resume=true", "logger.csv.version=resumed", cache=cache)
+    resumed = run_cli(killed_dir, *common, "resume=true", cache=cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_file(tmp_path / "straight" / "lora" / "final" / "pytorch_lora_weights.safetensors")
     b = load_file(killed_dir / "lora" / "final" / "pytorch_lora_weights.safetensors")

@@ -25,10 +25,18 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from reflectionflow.data.schedule import SubsetSchedule
-from reflectionflow.data.sources import SKIP_REASONS, check_shards, read_shard
+from reflectionflow.data.sources import IMAGE_KEYS, SKIP_REASONS, check_shards, read_shard
 from reflectionflow.data.stream import GenRefStream
 from reflectionflow.data.text_embeddings import check_text_embeddings
-from reflectionflow.data.transforms import DECODE_ERRORS, DropRates, decode_pair, t5_text, to_model_range
+from reflectionflow.data.transforms import (
+    DECODE_ERRORS,
+    DropRates,
+    decode_pair,
+    default_max_image_pixels,
+    header_pixels,
+    t5_text,
+    to_model_range,
+)
 
 
 class GenRefDataModule(L.LightningDataModule):
@@ -53,6 +61,8 @@ class GenRefDataModule(L.LightningDataModule):
         text_embeddings: the suffix of precomputed T5/CLIP embeddings beside the (local) shards
             (`python -m reflectionflow.data.text_embeddings`); batches then carry `t5_embeds` and
             `pooled_embeds`, and the model loads no text encoders. `check()` fails if a shard has none.
+        max_image_pixels: a sample with an image whose header claims more pixels is skipped undecoded
+            (`oversized_image`); None: `transforms.default_max_image_pixels` of the training sizes.
     """
 
     def __init__(
@@ -77,6 +87,7 @@ class GenRefDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         text_embeddings: str | None = None,
+        max_image_pixels: int | None = None,
     ):
         super().__init__()
         for name, value, low in (
@@ -113,6 +124,7 @@ class GenRefDataModule(L.LightningDataModule):
         self.rank = rank
         self.world_size = world_size
         self.text_embeddings = text_embeddings
+        self.max_image_pixels = int(max_image_pixels or default_max_image_pixels(target_size, condition_size))
         self.text_embedding_settings: dict = {}
         self._train: GenRefStream | None = None
         self._val_samples: list[dict[str, Any]] | None = None
@@ -171,6 +183,7 @@ class GenRefDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             queue_size=self.queue_size,
             text_embeddings=self.text_embeddings,
+            max_image_pixels=self.max_image_pixels,
         )
         self._sync_position()
 
@@ -202,6 +215,8 @@ class GenRefDataModule(L.LightningDataModule):
             return samples
         for url in check_shards(self.val_shards if self.val_shards is not None else self.shards):
             for raw in read_shard(url, Counter()):  # validation skips are not training skips
+                if max(header_pixels(raw.members[key]) for key in IMAGE_KEYS) > self.max_image_pixels:
+                    continue
                 try:
                     image, condition = decode_pair(
                         raw.members["good_image.jpg"],

@@ -10,7 +10,8 @@ the first shard's header only), so the train app calls it before loading any mod
 Reading never fails on bad data: a shard that cannot be opened (`unreadable_shard`), a tar stream that
 breaks or ends early, including a download that fails (`truncated_tar`), a sample with a missing key or a
 zero-byte member are skipped and counted per reason (`SKIP_REASONS`). JPEG corruption
-only shows when decoding, so the stream counts `corrupt_jpeg` itself.
+only shows when decoding, and an image's size in its header, so the stream counts `corrupt_jpeg` and
+`oversized_image` (over `data.max_image_pixels`) itself.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-SKIP_REASONS = ("corrupt_jpeg", "missing_key", "empty_member", "truncated_tar", "unreadable_shard")
+SKIP_REASONS = (
+    "corrupt_jpeg", "oversized_image", "missing_key", "empty_member", "truncated_tar", "unreadable_shard"
+)
 IMAGE_KEYS = ("good_image.jpg", "bad_image.jpg")
 TEXT_KEYS = ("prompt.txt", "reflection.txt", "subset.txt")
 # Keys that must hold bytes; the reflection may be empty (a reflection under 5 characters is dropped anyway).

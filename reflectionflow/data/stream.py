@@ -17,6 +17,9 @@ Everything a stream yields is a pure function of (seed, rank, stream, position) 
 - per batch, an *augmentation* RNG seeded likewise draws five numbers per slot (three drops, the crop);
   a slot's numbers belong to its place in the batch, so skipping a corrupt sample shifts nothing.
 
+Untrusted sizes: a sample with an image whose header claims more than `max_image_pixels` pixels is
+skipped before anything is decoded, and counted as `oversized_image`.
+
 Raw samples (bytes, not decoded) are routed into one bounded FIFO queue per subset; a slot of subset X
 takes the oldest queued X sample, reading further raw samples (queueing the others; a full queue drops
 the newcomer) until one arrives. Only the samples that are yielded are JPEG-decoded.
@@ -37,6 +40,7 @@ does no mixing: every sample of the rank's share is yielded once, in (shuffled) 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import warnings
 from collections import Counter, deque
@@ -48,15 +52,18 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from reflectionflow.data.schedule import SubsetSchedule
-from reflectionflow.data.sources import SKIP_REASONS, RawSample, read_shard, stream_shard_order
+from reflectionflow.data.sources import IMAGE_KEYS, SKIP_REASONS, RawSample, read_shard, stream_shard_order
 from reflectionflow.data.text_embeddings import TextEmbeddingReader
 from reflectionflow.data.transforms import (
     DECODE_ERRORS,
     DropRates,
     choose_t5_text,
     decode_pair,
+    header_pixels,
     stack_images,
 )
+
+log = logging.getLogger(__name__)
 
 _SELECTION, _AUGMENTATION, _SHUFFLE = 0, 1, 2  # RNG stream tags
 
@@ -91,6 +98,7 @@ class GenRefStream(IterableDataset):
         shuffle_buffer: int,
         queue_size: int,
         text_embeddings: str | None = None,
+        max_image_pixels: int,
     ):
         super().__init__()
         self.urls = list(urls)
@@ -107,6 +115,7 @@ class GenRefStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.queue_size = queue_size
         self.text_embeddings = text_embeddings
+        self.max_image_pixels = max_image_pixels
         self.start_batch = 0
         self.known_corrupt: frozenset[str] = frozenset()
 
@@ -233,6 +242,9 @@ class _Stream:
             if raw.id in self.corrupt:
                 self.skipped["corrupt_jpeg"] += 1
                 continue
+            if self._oversized(raw, log_it=decode):
+                self.skipped["oversized_image"] += 1
+                continue
             if not decode:
                 picks.append((raw, ()))
                 continue
@@ -252,6 +264,21 @@ class _Stream:
                 continue
             picks.append((raw, (*pair, draws[:3])))
         return picks, new_corrupt, step
+
+    def _oversized(self, raw: RawSample, log_it: bool) -> bool:
+        """Whether an image of the sample would decode to more than `max_image_pixels` (from the headers, so
+        the replay of a resume skips the same samples without decoding)."""
+        pixels = max(header_pixels(raw.members[key]) for key in IMAGE_KEYS)
+        if pixels <= self.config.max_image_pixels:
+            return False
+        if log_it:
+            log.warning(
+                "skipping %s: an image of %s pixels, over data.max_image_pixels=%d",
+                raw.id,
+                pixels,
+                self.config.max_image_pixels,
+            )
+        return True
 
     def make_batch(self, position: int) -> dict | None:
         picks, new_corrupt, step = self.select(position)

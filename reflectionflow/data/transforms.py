@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,6 +123,27 @@ def decode_pair(
     sx, sy = bad.width / good.width, bad.height / good.height
     bad_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     return _resample(good, box, target_size), _resample(bad, bad_box, condition_size)
+
+
+def header_pixels(data: bytes) -> float:
+    """The pixels an encoded image would decode to, read from its header alone (PIL opens lazily): inf for
+    one PIL itself refuses as a decompression bomb, 0 for an unreadable header (decoding reports it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        return math.inf
+    except DECODE_ERRORS:
+        return 0
+    return width * height
+
+
+def default_max_image_pixels(target_size: int, condition_size: int) -> int:
+    """Pixels per image a sample may decode to unless `data.max_image_pixels` says otherwise: 8 times the
+    training side on each side (8192 x 8192 at 1024), far above what the crops use, far below a bomb's."""
+    return (8 * max(target_size, condition_size)) ** 2
 
 
 def stack_images(images: list[np.ndarray]) -> torch.Tensor:

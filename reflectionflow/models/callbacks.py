@@ -89,12 +89,74 @@ class StepCheckpoint(ModelCheckpoint):
             os.replace(partial, link)
         trainer.strategy.barrier()
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A moved run directory's state with its paths re-based onto the new `dirpath`: Lightning drops the
+        state instead, then writes `last-v1.ckpt` beside `last.ckpt` and never prunes the older files."""
+        previous = state_dict.get("dirpath")
+        if previous and self.dirpath and previous != self.dirpath:
+            state_dict = _rebased(state_dict, previous, self.dirpath)
+        super().load_state_dict(state_dict)
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self._prune(trainer)
+
+    def _prune(self, trainer: L.Trainer) -> None:
+        """Keep the newest `save_top_k` step checkpoints on disk, also those the checkpoint state never knew
+        (a run killed between writing one checkpoint and removing the oldest)."""
+        if self.save_top_k <= 0 or not trainer.is_global_zero:
+            return
+        steps = step_checkpoints(Path(self.dirpath))
+        for path in steps[: max(0, len(steps) - self.save_top_k)]:
+            trainer.strategy.remove_checkpoint(path)
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last_global_step_saved != trainer.global_step:
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+
+
+def _rebased(state: dict, old_dir: str, new_dir: str) -> dict:
+    """`ModelCheckpoint` state whose paths under `old_dir` point under `new_dir` instead."""
+
+    def moved(path):
+        if isinstance(path, str) and path.startswith(old_dir + os.sep):
+            return new_dir + path[len(old_dir) :]
+        return path
+
+    return {
+        key: {moved(p): v for p, v in value.items()} if key == "best_k_models" else moved(value)
+        for key, value in state.items()
+    } | {"dirpath": new_dir}
+
+
+# step-N.ckpt, or step-N-vK.ckpt: Lightning's name for a step written again beside the first
+_STEP_CHECKPOINT = re.compile(r"step-(\d+)(?:-v(\d+))?\.ckpt")
+
+
+def step_checkpoints(dirpath: Path) -> list[Path]:
+    """The `step-N.ckpt` checkpoints (files, or directories for sharded strategies) of `dirpath`, oldest
+    first by the step in their name (atomic writes leave no partial file under that name)."""
+    found = [
+        ((int(m.group(1)), int(m.group(2) or -1)), path)
+        for path in dirpath.glob("step-*.ckpt")
+        if (m := _STEP_CHECKPOINT.fullmatch(path.name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def newest_complete_checkpoint(dirpath: Path) -> Path | None:
+    """The checkpoint `resume=true` continues from: the highest step's, which is newer than `last.ckpt` when a
+    run was killed between writing it and relinking `last.ckpt`; a file must be a whole torch zip archive."""
+    import zipfile
+
+    for path in reversed(step_checkpoints(dirpath)):
+        if path.is_dir() or zipfile.is_zipfile(path):
+            return path
+    last = dirpath / "last.ckpt"
+    return last if last.exists() else None
 
 
 class StepProgressBar(TQDMProgressBar):
