@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers.chat_server import ScriptedChatServer
-from helpers.cli import ROOT, cli_command, cli_env, run_cli
+from helpers.cli import ROOT, cli_command, cli_env, main_in_process, run_cli
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -238,9 +238,9 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(tmp_path, com
     done = infer(*settings[:-2], "search=noise", "search.width=4", settings[-1], f"hydra.run.dir={copy}")
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
-        f"error: {copy} holds a run made with other settings: refiner, reflector, search.axes.prompt, "
-        "search.axes.reflection, search.budget_width, search.depth, search.width differ from its run.json; "
-        "resume it with those settings, or write elsewhere (hydra.run.dir=<new directory>)"
+        f"error: {copy} holds a run made with other settings (run.json differs in refiner, reflector, "
+        "search.axes.prompt, search.axes.reflection, search.budget_width, search.depth, search.width); "
+        "resume it with those, or write elsewhere (hydra.run.dir=<new directory>, a multirun: hydra.sweep.dir=)"
     ]
     assert files_but_hydras(copy) == before
 
@@ -256,17 +256,17 @@ def test_a_run_directory_being_written_is_refused_naming_its_holder(tmp_path):
     run_dir.mkdir()
     holder = {
         "host": socket.gethostname(),
-        "pid": os.getpid(),
+        "pid": os.getppid(),  # alive, and not this process
         "started": "2026-01-02T03:04:05+0000",
         "shard": [0, 1],
     }
     (run_dir / "run.lock").write_text(json.dumps(holder))
-    done = infer(*DETERMINISTIC, "search=noise", "prompt=a photo of a red cat", f"hydra.run.dir={run_dir}")
-    assert done.returncode != 0
-    [line] = done.stderr.strip().splitlines()
-    assert line.startswith(
-        f"error: {run_dir} is being written by pid {os.getpid()} on {socket.gethostname()} since "
-        "2026-01-02T03:04:05+0000 (run.lock); wait for it to end or write elsewhere"
+    overrides = [*DETERMINISTIC, "search=noise", "prompt=a photo of a red cat", f"hydra.run.dir={run_dir}"]
+    message = main_in_process("infer", "progress=false", *overrides)
+    assert message == (
+        f"error: {run_dir} is being written by pid {os.getppid()} on {socket.gethostname()} since "
+        "2026-01-02T03:04:05+0000 (run.lock); wait for it to end or write elsewhere (hydra.run.dir=<new "
+        f"directory>, a multirun: hydra.sweep.dir=); delete {run_dir / 'run.lock'} only if that process is gone"
     )
     assert json.loads((run_dir / "run.lock").read_text()) == holder
     assert not list(run_dir.glob("0*")) and not (run_dir / "run.json").exists()

@@ -68,6 +68,6 @@ def test_a_record_no_prompt_was_made_with_is_replaced(tmp_path):
     record_run(tmp_path, {"search": {"width": 2}})  # a resume with the same settings
     record_run(tmp_path, {"search": {"width": 4}})  # the first start failed before any prompt: fixed
     (tmp_path / "00000").mkdir()
-    with pytest.raises(SetupError, match="other settings: search.width differ from its run.json"):
+    with pytest.raises(SetupError, match=r"other settings \(run.json differs in search.width\)"):
         record_run(tmp_path, {"search": {"width": 2}})
     assert json.loads((tmp_path / "run.json").read_text()) == {"search": {"width": 4}}

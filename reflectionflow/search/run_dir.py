@@ -44,6 +44,7 @@ from reflectionflow.search.search_sheet import search_sheet_png
 
 log = logging.getLogger(__name__)
 _HELD: set[Path] = set()  # the locks this process holds (`run_lock`)
+ELSEWHERE = "write elsewhere (hydra.run.dir=<new directory>, a multirun: hydra.sweep.dir=)"
 SEARCH_FILE = "search.json"
 RUN_FILE = "run.json"
 METADATA_FILE = "metadata.jsonl"
@@ -155,8 +156,8 @@ def record_run(run_dir: str | os.PathLike, made_with: Mapping[str, Any]) -> None
         write_json(run_dir / RUN_FILE, made_with)
     elif differ:
         raise SetupError(
-            f"{run_dir} holds a run made with other settings: {', '.join(differ)} differ from its {RUN_FILE}; "
-            "resume it with those settings, or write elsewhere (hydra.run.dir=<new directory>)"
+            f"{run_dir} holds a run made with other settings ({RUN_FILE} differs in {', '.join(differ)}); "
+            f"resume it with those, or {ELSEWHERE}"
         )
 
 
@@ -206,8 +207,8 @@ def _holder_text(holder: Mapping[str, Any]) -> str:
 
 def _held(run_dir: Path, path: Path, holder: Mapping[str, Any]) -> SetupError:
     return SetupError(
-        f"{run_dir} is being written by {_holder_text(holder)} ({path.name}); wait for it to end or write "
-        f"elsewhere (hydra.run.dir=<new directory>); delete {path} only if that process is gone"
+        f"{run_dir} is being written by {_holder_text(holder)} ({path.name}); wait for it to end or "
+        f"{ELSEWHERE}; delete {path} only if that process is gone"
     )
 
 
