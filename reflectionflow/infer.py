@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
-from reflectionflow.config import redact_overrides
+from reflectionflow.config import redact_overrides, redact_secrets
 from reflectionflow.console import quiet_third_party, shown_path
 from reflectionflow.models.loading import ModelNotFoundError, resolve_lora_path, resolve_model_path
 from reflectionflow.recipes import RecipeError, resolve_references
@@ -31,7 +31,7 @@ from reflectionflow.search.engine import SearchEngine
 from reflectionflow.search.errors import FatalAPIError, SetupError
 from reflectionflow.search.prompts import PromptItem, shard, single_prompt
 from reflectionflow.search.result_file import assess, job_result, nested_outcomes, read_budget, write_result
-from reflectionflow.search.run_dir import SHEET_FILE, shard_suffix
+from reflectionflow.search.run_dir import SHEET_FILE, record_run, run_lock, shard_suffix
 from reflectionflow.search.runner import run_search
 from reflectionflow.search.secrets import check_api_keys
 from reflectionflow.search.sharding import resolve_shard, shard_suffix_resolver, sharding_environment
@@ -42,6 +42,13 @@ USER_ERRORS = (SetupError, ModelNotFoundError, FatalAPIError, RecipeError)
 # Hydra's per-job files (`hydra.output_subdir`, the job log) carry the shard suffix, so that shards sharing
 # a run directory never write the same file (conf/infer.yaml).
 OmegaConf.register_new_resolver("rf.shard_suffix", shard_suffix_resolver, replace=True)
+# Settings of how fast or where a run works, never of what it finds: a resume may change them (run.json
+# leaves them out), like everything outside the search, generator, called backends and prompt set
+# (concurrent_prompts, sharding, progress, wandb, checker: the result is re-assessed every job).
+SPEED_KEYS = frozenset(
+    {"micro_batch", "text_cache_size", "cpu_offload", "compile", "device", "device_map", "seconds_per_image"}
+    | {"max_concurrency", "max_retries", "timeout", "api_key_env"}
+)
 
 
 def build(node: DictConfig, key: str) -> Any:
@@ -88,6 +95,24 @@ def check_weights(cfg: DictConfig) -> None:
     resolve_model_path(cfg.generator.model_path, "weights.path")
     if cfg.generator.get("lora_path"):
         resolve_lora_path(cfg.generator.lora_path, "weights.lora_path")
+
+
+def _without(node: Any, keys: frozenset[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _without(v, keys) for k, v in node.items() if k not in keys}
+    return node
+
+
+def made_with(cfg: DictConfig, search: SearchConfig, roles: list[str]) -> dict[str, Any]:
+    """What the run directory's search records depend on (its run.json): the search, the generator with
+    its weights, the backends the search calls (`roles`), the prompt set; secrets redacted, SPEED_KEYS
+    left out."""
+    literal = OmegaConf.to_container(cfg, resolve=False)["prompt"]
+    nodes = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("generator", *roles)}
+    prompts = None if literal is not None else OmegaConf.to_container(cfg.prompts, resolve=True)
+    made = {"search": search.to_dict(), **nodes, "prompts": prompts}
+    made["prompt"] = None if literal is None else str(literal)
+    return redact_secrets(_without(made, SPEED_KEYS))
 
 
 def loggable_config(cfg: DictConfig) -> dict[str, Any]:
@@ -152,6 +177,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     shard_index, num_shards = resolve_shard(cfg.shard_index, cfg.num_shards, sharding_environment())
     items = prompt_items(cfg)
     mine = [item.index for item in shard(items, shard_index, num_shards)]
+    record_run(run_dir, made_with(cfg, search, needed))
     checker = build(cfg.checker, "checker") if cfg.get("checker") is not None else None
     backends = {name: build(cfg[name], name) for name in needed}
     check_weights(cfg)
@@ -230,8 +256,10 @@ def closing_block(result: dict[str, Any], path: Path) -> str:
 def main(cfg: DictConfig) -> float | None:
     quiet_third_party()
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        result = run(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg)
+        with run_lock(run_dir, *resolve_shard(cfg.shard_index, cfg.num_shards, sharding_environment())):
+            result = run(cfg, run_dir, hydra_cfg)
     except USER_ERRORS as err:
         raise SystemExit(f"error: {err}") from None
     except MissingMandatoryValue as err:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from helpers.chat_server import ScriptedChatServer
-from helpers.cli import ROOT, cli_command, cli_env, run_cli
+from helpers.cli import ROOT, cli_command, cli_env, main_in_process, run_cli
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -210,3 +212,60 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path):
     resumed = infer(*common, f"hydra.run.dir={killed_dir}")
     assert resumed.returncode == 0, resumed.stderr
     assert strip_times(killed_dir) == strip_times(tmp_path / "straight")
+
+
+def files_but_hydras(run_dir: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file with its mtime and bytes, except Hydra's saved config and log (Hydra writes them before
+    the app starts)."""
+    return {
+        str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in run_dir.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+    }
+
+
+def test_resume_with_other_settings_is_refused_and_changes_nothing(tmp_path, compose_config):
+    """A copy of a finished reflectionflow run, resumed as `search=noise search.width=4`, reported its
+    prompts finished and labelled their width-2 depth-3 records noise / width 4."""
+    from reflectionflow.infer import run
+
+    settings = [*DETERMINISTIC, "search=reflectionflow", "prompt=a photo of a red cat"]
+    run(compose_config("infer", "progress=false", *settings), tmp_path / "run")
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy)
+    before = files_but_hydras(copy)
+
+    other = [*settings[:-2], "search=noise", "search.width=4", settings[-1], f"hydra.run.dir={copy}"]
+    assert main_in_process("infer", "progress=false", *other) == (
+        f"error: {copy} holds a run made with other settings (run.json differs in refiner, reflector, "
+        "search.axes.prompt, search.axes.reflection, search.budget_width, search.depth, search.width); "
+        "resume it with those, or write elsewhere (hydra.run.dir=<new directory>, a multirun: hydra.sweep.dir=)"
+    )
+    assert files_but_hydras(copy) == before
+
+    resumed = compose_config("infer", "progress=false", *settings, "concurrent_prompts=2")  # speed only
+    result = run(resumed, copy)
+    assert (result["width"], result["depth"], result["prompts"]) == (2, 3, 1)
+    assert result["search"]["axes"]["reflection"]
+    assert files_but_hydras(copy)["00000/search.json"] == before["00000/search.json"]  # skipped, not redone
+
+
+def test_a_run_directory_being_written_is_refused_naming_its_holder(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getppid(),  # alive, and not this process
+        "started": "2026-01-02T03:04:05+0000",
+        "shard": [0, 1],
+    }
+    (run_dir / "run.lock").write_text(json.dumps(holder))
+    overrides = [*DETERMINISTIC, "search=noise", "prompt=a photo of a red cat", f"hydra.run.dir={run_dir}"]
+    message = main_in_process("infer", "progress=false", *overrides)
+    assert message == (
+        f"error: {run_dir} is being written by pid {os.getppid()} on {socket.gethostname()} since "
+        "2026-01-02T03:04:05+0000 (run.lock); wait for it to end or write elsewhere (hydra.run.dir=<new "
+        f"directory>, a multirun: hydra.sweep.dir=); delete {run_dir / 'run.lock'} only if that process is gone"
+    )
+    assert json.loads((run_dir / "run.lock").read_text()) == holder
+    assert not list(run_dir.glob("0*")) and not (run_dir / "run.json").exists()

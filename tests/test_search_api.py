@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from helpers.chat_server import ScriptedChatServer, default_responder
+from helpers.chat_server import HTML_PAGE, ScriptedChatServer, default_responder
 from PIL import Image
 
 from reflectionflow.search.chat import OpenAIChat
@@ -118,6 +118,49 @@ def test_exhausted_retries_become_a_failed_score_with_the_error():
         [score] = asyncio.run(verifier.score([image], "a red square", {}))
     assert not score.ok and "500" in score.error and "server exploded" in score.raw
     assert (score.usage.attempts, score.usage.retries, score.usage.failures) == (3, 2, 1)
+
+
+def test_html_page_served_with_200_is_asked_again_then_a_failed_call_and_the_run_goes_on(tmp_path):
+    """A proxy's 502 page with status 200 made the client hand back a str, which ended the run."""
+    config = SearchConfig(width=2, depth=1, axes=Axes(noise=True, prompt=True, reflection=True))
+    with ScriptedChatServer(faults=["html_page"] * 3) as server:  # the first call gets 2 pages, the next 1
+        engine = engine_for(server, config, max_concurrency=1)
+        summary = run_search(engine, geneval_prompts()[:1], tmp_path, progress=False)
+        requests = len(server.requests)
+    budget = summary["budget"]
+    assert sum(budget[role]["attempts"] for role in ("verifier", "reflector", "refiner")) == requests
+    assert sum(budget[role]["retries"] for role in ("verifier", "reflector", "refiner")) == 2
+    assert (
+        budget["verifier"]["failures"] == 1
+        and budget["reflector"]["failures"] == budget["refiner"]["failures"] == 0
+    )
+    search = json.loads((tmp_path / "00000" / "search.json").read_text())
+    failed = [c["score"] for c in search["candidates"] if not c["score"]["ok"]]
+    assert len(failed) == 1 and failed[0]["raw"] == HTML_PAGE.decode()
+    assert failed[0]["error"].startswith(
+        "undecodable response body: not a chat completion (content type text/html"
+    )
+    assert len(search["candidates"]) == 4 and sum(c["score"]["ok"] for c in search["candidates"]) == 3
+
+
+def test_huge_answers_are_cut_to_max_answer_chars_and_counted(tmp_path):
+    """A 5 MB reflection used to be kept whole and fed on to the refiner and the corrector."""
+    config = SearchConfig(width=2, depth=1, axes=Axes(noise=True, prompt=True, reflection=True))
+    huge = "Make the cat red. " * 300_000  # 5.4 MB
+    responders = {"reflector": lambda body: huge, "refiner": refiner}
+    with ScriptedChatServer(responders=responders) as server:
+        summary = run_search(
+            engine_for(server, config, max_answer_chars=500), geneval_prompts()[:1], tmp_path, progress=False
+        )
+        refiner_requests = [r.body for r in server.requests if r.body["model"] == "refiner"]
+    budget = summary["budget"]
+    assert budget["reflector"]["truncated"] == budget["reflector"]["calls"] == 2
+    assert budget["verifier"]["truncated"] == budget["refiner"]["truncated"] == 0
+    search = json.loads((tmp_path / "00000" / "search.json").read_text())
+    later = [c for c in search["candidates"] if c["round"] == 1]
+    assert all(c["reflection"] == huge[:500].strip() for c in later)
+    assert len(refiner_requests) == 2 and all(len(json.dumps(body)) < 10_000 for body in refiner_requests)
+    assert (tmp_path / "00000" / "search.json").stat().st_size < 50_000
 
 
 def test_rejected_key_is_fatal():

@@ -155,7 +155,8 @@ def run_files(run_dir: Path) -> dict[str, object]:
             files[str(relative)] = path.read_bytes()
             continue
         data = json.loads(path.read_text())
-        data["budget"]["seconds"] = None
+        if "budget" in data:  # not run.json
+            data["budget"]["seconds"] = None
         files[str(relative)] = data
     return files
 

@@ -20,12 +20,15 @@ STAGES = ("generate", "verify", "reflect", "refine", "write", "total")
 
 @dataclass
 class Usage:
-    """Spending of one role: `calls` are logical requests, `attempts` the HTTP requests including retries."""
+    """Spending of one role: `calls` are logical requests, `attempts` the HTTP requests including retries,
+    `failures` the calls that ended without a usable answer, `truncated` the answers cut to
+    `max_answer_chars`."""
 
     calls: int = 0
     attempts: int = 0
     retries: int = 0
     failures: int = 0
+    truncated: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
 

@@ -2,9 +2,12 @@
 
 Transport faults (429, 5xx, timeouts, dropped connections) are retried by the `openai` client itself with
 its exponential backoff (`max_retries`, honouring `Retry-After`); every HTTP attempt is counted. A
-malformed answer (undecodable body, or text the caller's `parse` rejects) is asked again up to
-`parse_retries` times and then returned as a failure carrying the raw text, so one bad answer never ends a
-run. Errors no retry can fix (bad key, unknown model or route) raise `FatalAPIError`.
+malformed answer (a body that is not a chat completion, e.g. a proxy's HTML error page served with 200, or
+text the caller's `parse` rejects) is asked again up to `parse_retries` times and then returned as a
+failure carrying the raw text, so one bad answer never ends a run. Every text kept (answer, raw body,
+error) is cut to `max_answer_chars`, counted in `Usage.truncated`: a misbehaving server can send
+megabytes whatever `max_tokens` says. Errors no retry can fix (bad key, unknown model or route) raise
+`FatalAPIError`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import openai
+from openai.types.chat import ChatCompletion
 from PIL import Image
 
 from reflectionflow.search.budget import Usage
@@ -54,6 +58,16 @@ def _attempts_of(error: openai.APIError) -> int:
         return 1
 
 
+def _completion(response) -> ChatCompletion:
+    """The parsed body; ValueError when it is no chat completion: the client hands back the bare text of
+    a non-JSON content type (a proxy's HTML error page served with status 200)."""
+    completion = response.parse()
+    if not isinstance(completion, ChatCompletion):
+        content_type = response.http_response.headers.get("content-type", "none")
+        raise ValueError(f"not a chat completion (content type {content_type})")
+    return completion
+
+
 class OpenAIChat:
     """One model behind an OpenAI-compatible endpoint (`base_url=None` = api.openai.com).
 
@@ -74,9 +88,12 @@ class OpenAIChat:
         max_tokens: int | None = 1024,
         image_detail: str = "auto",
         extra_body: dict[str, Any] | None = None,
+        max_answer_chars: int = 16_000,
     ):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if max_answer_chars < 1:
+            raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
         self.model = model
         self.base_url = base_url
         self.max_retries = max_retries
@@ -87,6 +104,7 @@ class OpenAIChat:
         self.image_detail = image_detail
         self.extra_body = dict(extra_body or {})
         self.max_concurrency = max_concurrency
+        self.max_answer_chars = max_answer_chars
         self._key = read_api_key(api_key_env)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -115,9 +133,15 @@ class OpenAIChat:
             await self._client.close()
             self._loop = None
 
-    def _scrub(self, text: str | None) -> str | None:
+    def _kept(self, text: str | None, usage: Usage | None = None) -> str | None:
+        """`text` as this class returns it: the key scrubbed, then cut to `max_answer_chars` (counted in
+        `usage` when it is an answer, not an error message)."""
         if text and self._key:
-            return text.replace(self._key, "<redacted>")
+            text = text.replace(self._key, "<redacted>")
+        if text and len(text) > self.max_answer_chars:
+            text = text[: self.max_answer_chars]
+            if usage is not None:
+                usage.truncated += 1
         return text
 
     async def ask(
@@ -152,23 +176,26 @@ class OpenAIChat:
             try:
                 response = await client.chat.completions.with_raw_response.create(**request)
             except _FATAL as err:
-                raise FatalAPIError(f"{self!r}: {type(err).__name__}: {self._scrub(str(err))}") from None
+                message = self._kept(str(err))
+                raise FatalAPIError(f"{self!r}: {type(err).__name__}: {message}") from None
             except openai.APIError as err:  # retries exhausted (or a 4xx no retry fixes): a failed answer
                 usage.attempts += _attempts_of(err)
                 body = getattr(err, "body", None)
-                return ChatAnswer(
-                    None, False, self._scrub(None if body is None else str(body)), self._scrub(str(err))
-                )
+                raw = self._kept(None if body is None else str(body), usage)
+                return ChatAnswer(None, False, raw, self._kept(str(err)))
             usage.attempts += response.retries_taken + 1
             try:
-                completion = response.parse()
-            except ValueError as err:  # the body is not the JSON the server promised
-                raw, error = self._scrub(response.http_response.text), f"undecodable response body: {err}"
+                completion = _completion(response)
+            except ValueError as err:  # the body is not the chat completion the server promised
+                raw, error = (
+                    self._kept(response.http_response.text, usage),
+                    f"undecodable response body: {err}",
+                )
                 continue
             if completion.usage is not None:
                 usage.tokens_in += completion.usage.prompt_tokens or 0
                 usage.tokens_out += completion.usage.completion_tokens or 0
-            raw = self._scrub(completion.choices[0].message.content if completion.choices else None)
+            raw = self._kept(completion.choices[0].message.content if completion.choices else None, usage)
             try:
                 if not raw:
                     raise ValueError("empty answer")

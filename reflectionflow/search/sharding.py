@@ -27,7 +27,17 @@ from reflectionflow.search.result_file import (
     read_results,
     write_result,
 )
-from reflectionflow.search.run_dir import PROMPT_FOLDER, SEARCH_FILE, RunWriter, read_search, shard_suffix
+from reflectionflow.search.run_dir import (
+    PROMPT_FOLDER,
+    RUN_FILE,
+    SEARCH_FILE,
+    RunWriter,
+    differing_keys,
+    read_run_record,
+    read_search,
+    record_run,
+    shard_suffix,
+)
 
 SHARD_KEYS = ("shard_index", "num_shards")
 
@@ -139,7 +149,7 @@ def _comparable(result: Mapping[str, Any]) -> dict[str, Any]:
 def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
     """Join shard run directories into `out` (may be one of them, e.g. shards that shared a run dir).
 
-    Copies every finished prompt folder, then writes `result.json` over all prompts (the result file
+    Copies every finished prompt folder and the shards' `run.json`, then writes `result.json` over all prompts (the result file
     replaces the summary `RunWriter` keeps), from the shards' search.json files and per-prompt verdicts. Refuses
     unfinished prompts, a prompt found twice, missing shards and shards of different searches.
     """
@@ -174,6 +184,12 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     for path, result in shard_results[1:]:
         if _comparable(result) != reference:
             raise SetupError(f"{path} comes from a different search than {shard_results[0][0]}")
+    records = [(root, record) for root in roots if (record := read_run_record(root)) is not None]
+    for root, record in records[1:]:
+        if differ := differing_keys(records[0][1], record):
+            raise SetupError(
+                f"{root / RUN_FILE} differs from {records[0][0] / RUN_FILE} in {', '.join(differ)}"
+            )
     counts = {result["shard"]["count"] for _, result in shard_results}
     present = {result["shard"]["index"] for _, result in shard_results}
     if len(counts) != 1 or present != set(range(counts.pop())):
@@ -189,6 +205,8 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
             raise SetupError(f"{folder}: search.json and its shard's result disagree on the score")
 
     out.mkdir(parents=True, exist_ok=True)
+    if records:  # the merged run was made with what its shards were
+        record_run(out, records[0][1])
     for folder in (folders[index] for index in sorted(folders)):
         target = out / folder.name
         if folder != target:

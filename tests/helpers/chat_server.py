@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("401", "429", "500", "malformed_body", "malformed_content", "timeout")
+FAULTS = ("401", "429", "500", "html_page", "malformed_body", "malformed_content", "timeout")
+# what a reverse proxy serves, with status 200, when the model server behind it is down
+HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
 
 Responder = Callable[[dict], str]
 
@@ -175,6 +177,8 @@ class ScriptedChatServer:
                     return self._send(
                         500, {"error": {"message": "server exploded"}}, {"retry-after-ms": "10"}
                     )
+                if fault == "html_page":
+                    return self._send_raw(200, HTML_PAGE, content_type="text/html")
                 if fault == "malformed_body":
                     return self._send_raw(200, b'{"id": "chatcmpl-x", "choices": [ {oops')
                 content = "this is {not json" if fault == "malformed_content" else server._answer(body)
@@ -204,10 +208,16 @@ class ScriptedChatServer:
             def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
                 self._send_raw(status, json.dumps(payload).encode(), headers)
 
-            def _send_raw(self, status: int, data: bytes, headers: dict | None = None) -> None:
+            def _send_raw(
+                self,
+                status: int,
+                data: bytes,
+                headers: dict | None = None,
+                content_type: str = "application/json",
+            ) -> None:
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(data)))
                     for key, value in (headers or {}).items():
                         self.send_header(key, value)

@@ -40,3 +40,32 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def main_in_process(app: str, *overrides: str) -> str | None:
+    """`python -m reflectionflow.<app> <overrides>` in this process, without an interpreter's start-up (the
+    imports take most of a CLI test's time); returns its exit message (None: it ended normally). Hydra's
+    global state and the logging handlers it installs are put back afterwards."""
+    import importlib
+    import logging
+    from unittest import mock
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    main = importlib.import_module(f"reflectionflow.{app}").main
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        with mock.patch.object(sys, "argv", [app, *overrides]):
+            main()
+    except SystemExit as exit_:
+        return None if exit_.code in (None, 0) else str(exit_.code)
+    finally:
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    return None
