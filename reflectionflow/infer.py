@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
-from reflectionflow.config import redact_overrides
+from reflectionflow.config import ConfigError, check_secret_interpolations, redact_overrides
 from reflectionflow.console import quiet_third_party, shown_path
 from reflectionflow.models.loading import ModelNotFoundError, resolve_lora_path, resolve_model_path
 from reflectionflow.recipes import RecipeError, resolve_references
@@ -38,7 +38,7 @@ from reflectionflow.search.sharding import resolve_shard, shard_suffix_resolver,
 from reflectionflow.search.wandb_logging import JobTracker, WandbSettings
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (SetupError, ModelNotFoundError, FatalAPIError, RecipeError)
+USER_ERRORS = (SetupError, ConfigError, ModelNotFoundError, FatalAPIError, RecipeError)
 # Hydra's per-job files (`hydra.output_subdir`, the job log) carry the shard suffix, so that shards sharing
 # a run directory never write the same file (conf/infer.yaml).
 OmegaConf.register_new_resolver("rf.shard_suffix", shard_suffix_resolver, replace=True)
@@ -106,7 +106,7 @@ def describe_job(cfg: DictConfig, hydra_cfg: DictConfig | None) -> dict[str, Any
     With `prompt=...` the prompt set is that one prompt (`choices.prompts` null, `prompt` its text), not
     the `prompts` group's default."""
     choices = {} if hydra_cfg is None else OmegaConf.to_container(hydra_cfg.runtime.choices)
-    overrides = [] if hydra_cfg is None else list(hydra_cfg.overrides.task)
+    overrides = [] if hydra_cfg is None else OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
     literal = OmegaConf.to_container(cfg, resolve=False)["prompt"]
     if literal is not None and "prompts" in choices:
         choices["prompts"] = None
@@ -140,6 +140,7 @@ def start_tracker(
 def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> dict[str, Any]:
     """Search this job's prompts into `run_dir` and write its result file; returns the result."""
     started = time.perf_counter()
+    check_secret_interpolations(cfg, literal=("prompt",))
     search: SearchConfig = build(cfg.search, "search")
     corrector_lora(cfg, search.reflects)
     concurrency = cfg.concurrent_prompts

@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reflectionflow.config import ConfigError, redact_secrets
+from reflectionflow.config import ConfigError, check_secret_interpolations, redact_secrets, redacted_argv
 from reflectionflow.console import quiet_third_party, shown_path
 from reflectionflow.recipes import RecipeError, is_built, mark_built, product_dir, resolve_references
 
@@ -132,6 +132,7 @@ def train(cfg: DictConfig, extra_callbacks=()):
 
     `extra_callbacks` are appended to the configured ones (programmatic use: benchmarks, notebooks).
     """
+    check_secret_interpolations(cfg)
     resolve_references(cfg)  # recipe://<name> -> the product's path, trained first if missing
     check_config(cfg)
     product = product_dir(cfg)  # recipes (`recipe:` node): a cached product skips training
@@ -149,8 +150,9 @@ def train(cfg: DictConfig, extra_callbacks=()):
     callbacks += list(extra_callbacks)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
-    for logger in trainer.loggers:
-        logger.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
+    with redacted_argv():  # W&B's run starts here and records the command line
+        for logger in trainer.loggers:
+            logger.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, run_dir))
     if product is not None and trainer.is_global_zero:
         model.export(product)
