@@ -79,15 +79,19 @@ def corrector_lora(cfg: DictConfig, reflects: bool) -> None:
         )
 
 
-def check_weights(cfg: DictConfig) -> None:
-    """The generator's model and LoRA exist (hub ids resolve), before anything heavy: missing recipe
-    products (`recipe://...`) are trained first, each announced in one line."""
+def check_weights(cfg: DictConfig, overrides: list[str]) -> None:
+    """The generator's LoRA and model exist (hub ids resolve), before anything heavy: missing recipe
+    products (`recipe://...`) are trained first, each announced in one line. Weights set on the command
+    line for a generator that loads none fail rather than being ignored."""
     resolve_references(cfg)
-    if "model_path" not in cfg.generator.keys():
-        return  # a generator without weights (deterministic)
-    resolve_model_path(cfg.generator.model_path, "weights.path")
+    if "model_path" not in cfg.generator.keys():  # a generator without weights (deterministic)
+        ignored = [o for o in overrides if o.lstrip("+~").startswith("weights.")]
+        if ignored:
+            raise SetupError(f"{ignored[0]}: this generator loads no weights; use generator=flux or flux_tiny")
+        return
     if cfg.generator.get("lora_path"):
         resolve_lora_path(cfg.generator.lora_path, "weights.lora_path")
+    resolve_model_path(cfg.generator.model_path, "weights.path")
 
 
 def loggable_config(cfg: DictConfig) -> dict[str, Any]:
@@ -155,8 +159,8 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     mine = [item.index for item in shard(items, shard_index, num_shards)]
     checker = build(cfg.checker, "checker") if cfg.get("checker") is not None else None
     backends = {name: build(cfg[name], name) for name in needed}
-    check_weights(cfg)
     job = describe_job(cfg, hydra_cfg)
+    check_weights(cfg, job["overrides"])
     extra = {"search": search.to_dict(), "shard": {"index": shard_index, "count": num_shards}}
     tracker = start_tracker(cfg, hydra_cfg, run_dir, job, extra) if cfg.wandb.enabled else None
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import zipfile
 from pathlib import Path
 
 import hydra
@@ -96,6 +97,17 @@ def check_config(cfg: DictConfig) -> None:
         resolve_model_path(cfg.model.path, "model.path")
     if cfg.get("init_lora_path"):
         resolve_lora_path(cfg.init_lora_path, "init_lora_path")
+    if cfg.get("ckpt_path"):
+        check_checkpoint_file(Path(cfg.ckpt_path))
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """`ckpt_path` exists and is a `torch.save` archive (a zip file; a directory: a sharded checkpoint),
+    checked without unpickling it."""
+    if not path.exists():
+        raise ConfigError(f"ckpt_path={path} does not exist")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (not a torch.save archive)")
 
 
 def check_text_embedding_settings(cfg: DictConfig, settings: dict) -> None:
@@ -114,10 +126,7 @@ def check_text_embedding_settings(cfg: DictConfig, settings: dict) -> None:
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     """`ckpt_path=...` as given, or with `resume=true` the run directory's `last.ckpt` if there is one."""
     if cfg.get("ckpt_path"):
-        path = Path(cfg.ckpt_path)
-        if not path.exists():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(path)
+        return str(cfg.ckpt_path)  # checked by check_config
     if cfg.get("resume"):
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.exists():
