@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
-from reflectionflow.config import redact_overrides, redact_secrets
+from reflectionflow.config import ConfigError, check_secret_interpolations, redact_overrides, redact_secrets
 from reflectionflow.console import quiet_third_party, shown_path
 from reflectionflow.models.loading import ModelNotFoundError, resolve_lora_path, resolve_model_path
 from reflectionflow.recipes import RecipeError, resolve_references
@@ -38,7 +38,7 @@ from reflectionflow.search.sharding import resolve_shard, shard_suffix_resolver,
 from reflectionflow.search.wandb_logging import JobTracker, WandbSettings
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (SetupError, ModelNotFoundError, FatalAPIError, RecipeError)
+USER_ERRORS = (SetupError, ConfigError, ModelNotFoundError, FatalAPIError, RecipeError)
 # Hydra's per-job files (`hydra.output_subdir`, the job log) carry the shard suffix, so that shards sharing
 # a run directory never write the same file (conf/infer.yaml).
 OmegaConf.register_new_resolver("rf.shard_suffix", shard_suffix_resolver, replace=True)
@@ -86,15 +86,19 @@ def corrector_lora(cfg: DictConfig, reflects: bool) -> None:
         )
 
 
-def check_weights(cfg: DictConfig) -> None:
-    """The generator's model and LoRA exist (hub ids resolve), before anything heavy: missing recipe
-    products (`recipe://...`) are trained first, each announced in one line."""
+def check_weights(cfg: DictConfig, overrides: list[str]) -> None:
+    """The generator's LoRA and model exist (hub ids resolve), before anything heavy: missing recipe
+    products (`recipe://...`) are trained first, each announced in one line. Weights set on the command
+    line for a generator that loads none fail rather than being ignored."""
     resolve_references(cfg)
-    if "model_path" not in cfg.generator.keys():
-        return  # a generator without weights (deterministic)
-    resolve_model_path(cfg.generator.model_path, "weights.path")
+    if "model_path" not in cfg.generator.keys():  # a generator without weights (deterministic)
+        ignored = [o for o in overrides if o.lstrip("+~").startswith("weights.")]
+        if ignored:
+            raise SetupError(f"{ignored[0]}: this generator loads no weights; use generator=flux or flux_tiny")
+        return
     if cfg.generator.get("lora_path"):
         resolve_lora_path(cfg.generator.lora_path, "weights.lora_path")
+    resolve_model_path(cfg.generator.model_path, "weights.path")
 
 
 def _without(node: Any, keys: frozenset[str]) -> Any:
@@ -131,7 +135,7 @@ def describe_job(cfg: DictConfig, hydra_cfg: DictConfig | None) -> dict[str, Any
     With `prompt=...` the prompt set is that one prompt (`choices.prompts` null, `prompt` its text), not
     the `prompts` group's default."""
     choices = {} if hydra_cfg is None else OmegaConf.to_container(hydra_cfg.runtime.choices)
-    overrides = [] if hydra_cfg is None else list(hydra_cfg.overrides.task)
+    overrides = [] if hydra_cfg is None else OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
     literal = OmegaConf.to_container(cfg, resolve=False)["prompt"]
     if literal is not None and "prompts" in choices:
         choices["prompts"] = None
@@ -165,6 +169,7 @@ def start_tracker(
 def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> dict[str, Any]:
     """Search this job's prompts into `run_dir` and write its result file; returns the result."""
     started = time.perf_counter()
+    check_secret_interpolations(cfg, literal=("prompt",))
     search: SearchConfig = build(cfg.search, "search")
     corrector_lora(cfg, search.reflects)
     concurrency = cfg.concurrent_prompts
@@ -180,8 +185,8 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     record_run(run_dir, made_with(cfg, search, needed))
     checker = build(cfg.checker, "checker") if cfg.get("checker") is not None else None
     backends = {name: build(cfg[name], name) for name in needed}
-    check_weights(cfg)
     job = describe_job(cfg, hydra_cfg)
+    check_weights(cfg, job["overrides"])
     extra = {"search": search.to_dict(), "shard": {"index": shard_index, "count": num_shards}}
     tracker = start_tracker(cfg, hydra_cfg, run_dir, job, extra) if cfg.wandb.enabled else None
     try:

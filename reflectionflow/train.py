@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import zipfile
 from pathlib import Path
 
 import hydra
@@ -17,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reflectionflow.config import ConfigError, redact_secrets
+from reflectionflow.config import ConfigError, check_secret_interpolations, redact_secrets, redacted_argv
 from reflectionflow.console import quiet_third_party, shown_path
 from reflectionflow.recipes import RecipeError, is_built, mark_built, product_dir, resolve_references
 
@@ -96,6 +97,17 @@ def check_config(cfg: DictConfig) -> None:
         resolve_model_path(cfg.model.path, "model.path")
     if cfg.get("init_lora_path"):
         resolve_lora_path(cfg.init_lora_path, "init_lora_path")
+    if cfg.get("ckpt_path"):
+        check_checkpoint_file(Path(cfg.ckpt_path))
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """`ckpt_path` exists and is a `torch.save` archive (a zip file; a directory: a sharded checkpoint),
+    checked without unpickling it."""
+    if not path.exists():
+        raise ConfigError(f"ckpt_path={path} does not exist")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (not a torch.save archive)")
 
 
 def check_text_embedding_settings(cfg: DictConfig, settings: dict) -> None:
@@ -116,10 +128,7 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     from reflectionflow.models.callbacks import newest_complete_checkpoint
 
     if cfg.get("ckpt_path"):
-        path = Path(cfg.ckpt_path)
-        if not path.exists():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(path)
+        return str(cfg.ckpt_path)  # checked by check_config
     if cfg.get("resume"):
         newest = newest_complete_checkpoint(run_dir / "checkpoints")
         if newest is not None:
@@ -134,6 +143,7 @@ def train(cfg: DictConfig, extra_callbacks=()):
 
     `extra_callbacks` are appended to the configured ones (programmatic use: benchmarks, notebooks).
     """
+    check_secret_interpolations(cfg)
     resolve_references(cfg)  # recipe://<name> -> the product's path, trained first if missing
     check_config(cfg)
     product = product_dir(cfg)  # recipes (`recipe:` node): a cached product skips training
@@ -151,8 +161,9 @@ def train(cfg: DictConfig, extra_callbacks=()):
     callbacks += list(extra_callbacks)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
-    for logger in trainer.loggers:
-        logger.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
+    with redacted_argv():  # W&B's run starts here and records the command line
+        for logger in trainer.loggers:
+            logger.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, run_dir))
     if product is not None and trainer.is_global_zero:
         model.export(product)

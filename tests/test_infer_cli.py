@@ -84,6 +84,35 @@ def test_bad_prompt_file_and_shard_fail_with_one_line(tmp_path):
     assert done.returncode != 0 and "shard_index" in done.stderr.strip().splitlines()[-1]
 
 
+def unusable_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Overrides naming an input that cannot work, and what the error line must name."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(os.urandom(4096))
+    reflecting = ["verifier=deterministic", "reflector=deterministic", "refiner=deterministic", "prompt=a cat"]
+    return {
+        "empty prompt file": ([*DETERMINISTIC, "prompts=file", f"prompts.path={empty}"], f"no prompts in {empty}"),
+        # the LoRA is checked before the base model (here one that does not exist) is even looked at
+        "LoRA of random bytes": (["generator=flux_tiny", "weights.path=/nonexistent/flux",
+                                  f"weights.lora_path={lora}", *reflecting],
+                                 f"{lora / 'pytorch_lora_weights.safetensors'} is not a readable safetensors file"),
+        "weights for a generator without": ([*DETERMINISTIC, "prompt=a cat", "weights.path=/nonexistent/flux"],
+                                            "weights.path=/nonexistent/flux: this generator loads no weights"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty prompt file", "LoRA of random bytes", "weights for a generator without"])
+def test_unusable_input_fails_in_one_line_naming_it(tmp_path, case):
+    overrides, message = unusable_inputs(tmp_path)[case]
+    done = infer(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not list((tmp_path / "run").glob("0*"))
+
+
 def test_hostile_cli_prompt_stays_inside(tmp_path):
     run_dir = tmp_path / "a" / "run"
     done = infer(

@@ -226,6 +226,24 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, cache, overrides, 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("kind", ["text file as the only shard", "checkpoint of random bytes", "no checkpoint"])
+def test_unusable_input_files_fail_in_one_line_naming_them(tmp_path, cache, kind):
+    text, garbage = tmp_path / "genref_0000.tar", tmp_path / "last.ckpt"
+    text.write_text("not a tar archive\n" * 64)
+    garbage.write_bytes(os.urandom(4096))
+    overrides, named = {
+        "text file as the only shard": ([f"data.shards={text}"], str(text)),
+        "checkpoint of random bytes": ([f"ckpt_path={garbage}"], f"ckpt_path={garbage} is not a Lightning checkpoint"),
+        "no checkpoint": ([f"ckpt_path={tmp_path / 'none.ckpt'}"], "none.ckpt does not exist"),
+    }[kind]
+    result = run_cli(tmp_path / "run", *overrides, cache=cache)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "GPU available" not in result.stdout  # before the Trainer
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_unknown_optimizer_is_a_config_error(tmp_path, cache):
     result = run_cli(tmp_path / "run", "optimizer@model.optimizer=sgdx", cache=cache)
     assert result.returncode != 0 and "sgdx" in result.stderr

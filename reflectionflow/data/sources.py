@@ -146,8 +146,8 @@ def _probe_remote(url: str, timeout: float = 60.0) -> None:
 def check_shards(shards: str | Sequence[str]) -> list[str]:
     """Expand `shards` and check that they can be opened; return the URLs or raise `ShardSourceError`.
 
-    Local shards must all exist and be readable; for remote ones (`pipe:`, http(s), `hf://`) the first is
-    opened.
+    Local shards must all exist and be readable, and the first start a tar archive; for remote ones
+    (`pipe:`, http(s), `hf://`) the first is opened and checked so.
     A shard that is empty or truncated is not an error here: reading skips and counts it.
     """
     urls = expand_shards(shards)
@@ -158,10 +158,21 @@ def check_shards(shards: str | Sequence[str]) -> list[str]:
         raise ShardSourceError(
             f"{len(unreadable)} of {len(urls)} shards of {shards!r} cannot be read, first: {unreadable[0]!r}"
         )
+    local = [u for u in urls if not _is_remote(u)]
+    if local:
+        _probe_local(local[0])
     remote = [u for u in urls if _is_remote(u)]
     if remote:
         _probe_remote(remote[0])
     return urls
+
+
+def _probe_local(path: str) -> None:
+    """The first 512 bytes of a local shard start a tar archive (an empty file is skipped when read)."""
+    with open(path, "rb") as file:
+        head = file.read(512)
+    if head and not _looks_like_tar(head):
+        raise ShardSourceError(f"cannot open shard {path!r}: not a tar archive")
 
 
 def stream_shard_order(

@@ -64,12 +64,30 @@ def resolve_lora_path(path: str | os.PathLike, config_key: str = "model.lora_pat
     if local.is_dir():
         if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
             raise ModelNotFoundError(f"LoRA directory {local} holds no weights; set {config_key}=<dir>")
+        for weights in local.glob("*.safetensors"):
+            check_safetensors(weights, config_key)
         return str(local)
     if local.is_file():
+        if local.suffix == ".safetensors":
+            check_safetensors(local, config_key)
         return str(local)
     if str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
         return str(path)
     raise ModelNotFoundError(f"LoRA path {str(path)!r} does not exist; set {config_key}=<dir>")
+
+
+def check_safetensors(path: Path, config_key: str) -> None:
+    """Read the header of a safetensors file (cheap), so a damaged one fails in one line before any model
+    loads."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ModelNotFoundError(
+            f"{path} is not a readable safetensors file ({str(err)[:100]}); set {config_key}=<LoRA dir>"
+        ) from None
 
 
 def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:

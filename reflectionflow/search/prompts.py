@@ -65,8 +65,14 @@ def file_prompts(path: str) -> list[PromptItem]:
         raise SetupError(f"prompt file {str(path)!r} does not exist; set prompts.path=<file>")
     text = source.read_text(encoding="utf-8")
     if source.suffix == ".jsonl":
-        return _from_records(_parse_jsonl(text, str(path)), str(path))
-    return _from_records([{"prompt": line.strip()} for line in text.splitlines() if line.strip()], str(path))
+        items = _from_records(_parse_jsonl(text, str(path)), str(path))
+    else:
+        items = _from_records(
+            [{"prompt": line.strip()} for line in text.splitlines() if line.strip()], str(path)
+        )
+    if not items:
+        raise SetupError(f"no prompts in {path}; set prompts.path=<file>")
+    return items
 
 
 def single_prompt(text: str) -> list[PromptItem]:

@@ -6,13 +6,19 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from reflectionflow.search.errors import MissingAPIKeyError
+from reflectionflow.config import SECRET_KEY, is_variable_name
+from reflectionflow.search.errors import MissingAPIKeyError, SetupError
 
 
 def read_api_key(env_name: str | None, where: str = "api_key_env") -> str | None:
     """The key in `$env_name` (None when no variable is named, e.g. a local server without auth)."""
     if not env_name:
         return None
+    if not is_variable_name(env_name):  # never echoed: it is most likely the key itself
+        raise SetupError(
+            f"{where} must name an environment variable, and its value looks like a key: export the key "
+            f"(export OPENAI_API_KEY=...) and set {where}=OPENAI_API_KEY"
+        )
     key = os.environ.get(env_name, "").strip()
     if not key:
         raise MissingAPIKeyError(
@@ -23,7 +29,8 @@ def read_api_key(env_name: str | None, where: str = "api_key_env") -> str | None
 
 
 def check_api_keys(nodes: Mapping[str, Any]) -> None:
-    """Fail with one clear line if any `api_key_env` under the given config nodes names an unset variable."""
+    """Fail with one clear line if any `api_key_env` under the given config nodes names an unset variable,
+    or a node holds a key itself (`+verifier.chat.api_key=...`)."""
     for path, node in nodes.items():
         _check(node, path)
 
@@ -31,6 +38,11 @@ def check_api_keys(nodes: Mapping[str, Any]) -> None:
 def _check(node: Any, path: str) -> None:
     if isinstance(node, Mapping):
         for key, value in node.items():
+            if SECRET_KEY.search(key):
+                raise SetupError(
+                    f"{path}.{key}: API keys are read from the environment only: export the key "
+                    f"(export OPENAI_API_KEY=...) and set {path}.api_key_env=OPENAI_API_KEY"
+                )
             if key == "api_key_env":
                 read_api_key(value, f"{path}.api_key_env")
             else:

@@ -10,16 +10,14 @@ secrets redacted; API keys are never in the config in the first place (only thei
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from PIL import Image
 
-from reflectionflow.config import redact_overrides, redact_secrets
+from reflectionflow.config import redact_secrets, redacted_argv
 from reflectionflow.search.run_dir import SELECTED_FILE, prompt_dir, read_search
 
 
@@ -44,8 +42,7 @@ def start_run(settings: WandbSettings, *, name: str, job_type: str, config: Mapp
     `sys.argv` as run metadata, so it sees the overrides with secret-looking values replaced."""
     import wandb
 
-    argv = [sys.argv[0], *redact_overrides(sys.argv[1:])]
-    with mock.patch.object(sys, "argv", argv):
+    with redacted_argv():
         return wandb.init(
             project=settings.project,
             entity=settings.entity,
