@@ -55,7 +55,7 @@ def _strategy_name(cfg: DictConfig) -> str:
 
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, in one line each, on what would otherwise fail deep inside a run."""
-    from reflectionflow.models.loading import resolve_lora_path, resolve_model_path
+    from reflectionflow.models.loading import resolve_model_path
 
     strategy = _strategy_name(cfg)
     if isinstance(cfg.trainer.get("strategy", "auto"), str):
@@ -95,8 +95,6 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.model.get("path"):
         resolve_model_path(cfg.model.path, "model.path")
-    if cfg.get("init_lora_path"):
-        resolve_lora_path(cfg.init_lora_path, "init_lora_path")
     if cfg.get("ckpt_path"):
         check_checkpoint_file(Path(cfg.ckpt_path))
 
