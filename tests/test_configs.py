@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from helpers.cli import run_cli
+from helpers.cli import run_in_process
 from hydra.errors import MissingConfigException
 
 import reflectionflow
@@ -47,25 +47,26 @@ def test_an_experiment_of_the_other_app_is_not_found(compose_config, app, experi
         compose_config(app, f"experiment={experiment}")
 
 
-def test_the_cli_names_the_valid_experiments(tmp_path):
-    done = run_cli("infer", "experiment=genref", cache=tmp_path)
+def test_the_cli_names_the_valid_experiments(tmp_path, capfd):
+    done = run_in_process("infer", "experiment=genref", capture=capfd, cache=tmp_path)
     assert done.returncode != 0
     assert "Could not find 'experiment/genref'" in done.stderr
     assert all(name in done.stderr for name in experiments("infer"))
 
 
-def test_printing_or_helping_trains_no_recipe(tmp_path):
+def test_printing_or_helping_trains_no_recipe(tmp_path, capfd):
     cache = tmp_path / "cache"
     for flags in (["--cfg", "job"], ["--help"], ["--info", "defaults"]):
-        done = run_cli("infer", "experiment=shapes", *flags, cache=cache, timeout=120, cwd=tmp_path)
+        done = run_in_process("infer", "experiment=shapes", *flags, capture=capfd, cache=cache, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
-    printed = run_cli("infer", "experiment=shapes", "--cfg", "job", cache=cache, cwd=tmp_path).stdout
+    printed = run_in_process("infer", "experiment=shapes", "--cfg", "job", capture=capfd, cache=cache,
+                             cwd=tmp_path).stdout
     assert "path: recipe://shapes_base" in printed and "lora_path: recipe://shapes_corrector/lora" in printed
     assert not cache.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_help_lists_only_the_apps_own_groups():
-    train, infer = (run_cli(app, "--help", timeout=120).stdout for app in APPS)
+def test_help_lists_only_the_apps_own_groups(capfd):
+    train, infer = (run_in_process(app, "--help", capture=capfd).stdout for app in APPS)
     assert "trainer: " in train and "verifier: " not in train
     assert "verifier: " in infer and "trainer: " not in infer
 
@@ -98,8 +99,8 @@ def test_missing_recipes_are_built_in_order_under_their_product_directories(
     assert len(commands) == 3 and again.weights.path == cfg.weights.path
 
 
-def test_recipes_list_shows_every_recipe_without_training(tmp_path):
-    done = run_cli("recipes", "list", cache=tmp_path)
+def test_recipes_list_shows_every_recipe_without_training(tmp_path, capfd):
+    done = run_in_process("recipes", "list", capture=capfd, cache=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert [line.split()[1] for line in lines] == ["shapes_base", "shapes_corrector", "shapes_text", "shapes_vae"]

@@ -1,4 +1,5 @@
-"""`python -m reflectionflow.infer` through the real CLI: secrets, errors, hostile prompts, kill + resume."""
+"""`python -m reflectionflow.infer`'s command line (in this process; kill + resume in a real interpreter):
+secrets, errors, hostile prompts."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers.chat_server import ScriptedChatServer
-from helpers.cli import ROOT, cli_command, cli_env, main_in_process, run_cli
+from helpers.cli import ROOT, cli_command, cli_env, main_in_process, run_in_process
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -28,15 +29,17 @@ DETERMINISTIC = [
 ]
 
 
-def infer(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return run_cli("infer", "progress=false", *overrides, env=env, timeout=120)
+def infer(capfd, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The CLI run in this process (`run_in_process`); `capfd`: pytest's fixture, for what it printed."""
+    return run_in_process("infer", "progress=false", *overrides, capture=capfd, env=env)
 
 
-def test_api_key_never_reaches_the_run_directory(tmp_path):
+def test_api_key_never_reaches_the_run_directory(tmp_path, capfd):
     run_dir = tmp_path / "run"
     with ScriptedChatServer(faults=["500", "malformed_content"]) as server:
         urls = [f"{role}.chat.base_url={server.base_url}" for role in ("verifier", "reflector", "refiner")]
         done = infer(
+            capfd,
             "generator=deterministic",
             "search=reflectionflow",
             "search.width=2",
@@ -57,8 +60,9 @@ def test_api_key_never_reaches_the_run_directory(tmp_path):
     assert "OPENAI_API_KEY" in (run_dir / ".hydra" / "config.yaml").read_text()  # the name only
 
 
-def test_missing_key_fails_at_start_with_one_line(tmp_path):
+def test_missing_key_fails_at_start_with_one_line(tmp_path, capfd):
     done = infer(
+        capfd,
         "search=noise",
         "verifier=openai",
         "weights.path=/nonexistent/flux",
@@ -73,14 +77,15 @@ def test_missing_key_fails_at_start_with_one_line(tmp_path):
     assert not list((tmp_path / "run").glob("0*"))
 
 
-def test_bad_prompt_file_and_shard_fail_with_one_line(tmp_path):
+def test_bad_prompt_file_and_shard_fail_with_one_line(tmp_path, capfd):
     done = infer(
+        capfd,
         *DETERMINISTIC, "prompts=file", f"prompts.path={tmp_path / 'nope.txt'}", f"hydra.run.dir={tmp_path}"
     )
     assert done.returncode != 0 and done.stderr.strip().splitlines()[-1].startswith(
         "error: prompts: prompt file"
     )
-    done = infer(*DETERMINISTIC, "shard_index=2", "num_shards=2", f"hydra.run.dir={tmp_path}")
+    done = infer(capfd, *DETERMINISTIC, "shard_index=2", "num_shards=2", f"hydra.run.dir={tmp_path}")
     assert done.returncode != 0 and "shard_index" in done.stderr.strip().splitlines()[-1]
 
 
@@ -104,18 +109,19 @@ def unusable_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.parametrize("case", ["empty prompt file", "LoRA of random bytes", "weights for a generator without"])
-def test_unusable_input_fails_in_one_line_naming_it(tmp_path, case):
+def test_unusable_input_fails_in_one_line_naming_it(tmp_path, case, capfd):
     overrides, message = unusable_inputs(tmp_path)[case]
-    done = infer(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    done = infer(capfd, *overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not list((tmp_path / "run").glob("0*"))
 
 
-def test_hostile_cli_prompt_stays_inside(tmp_path):
+def test_hostile_cli_prompt_stays_inside(tmp_path, capfd):
     run_dir = tmp_path / "a" / "run"
     done = infer(
+        capfd,
         *DETERMINISTIC,
         "search=noise",
         "search.width=2",
@@ -130,11 +136,11 @@ def test_hostile_cli_prompt_stays_inside(tmp_path):
     assert job["prompt"] == "../../x ${oc.env:HOME}" and job["choices"]["prompts"] is None  # not the default set
 
 
-def test_each_prompt_has_a_contact_sheet_of_its_search_and_the_run_one_result_file(tmp_path):
+def test_each_prompt_has_a_contact_sheet_of_its_search_and_the_run_one_result_file(tmp_path, capfd):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a red cat\ntwo blue cubes\n")
     run_dir = tmp_path / "run"
-    done = infer(*DETERMINISTIC, "search=reflectionflow", "search.width=3", "search.depth=2", "prompts=file",
+    done = infer(capfd, *DETERMINISTIC, "search=reflectionflow", "search.width=3", "search.depth=2", "prompts=file",
                  f"prompts.path={prompts}", f"hydra.run.dir={run_dir}")
     assert done.returncode == 0, done.stderr
     for index in (0, 1):
@@ -209,7 +215,7 @@ def strip_times(run_dir: Path) -> dict[str, object]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path):
+def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path, capfd):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a photo of {n} cats\n" for n in range(8)))
     common = [
@@ -219,7 +225,7 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path):
         f"prompts.path={prompts}",
         "generator.seconds_per_image=0.05",
     ]
-    straight = infer(*common, f"hydra.run.dir={tmp_path / 'straight'}")
+    straight = infer(capfd, *common, f"hydra.run.dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
 
     killed_dir = tmp_path / "killed"
@@ -238,7 +244,7 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(tmp_path):
     finished = len(list(killed_dir.glob("*/search.json")))
     assert 3 <= finished < 8
 
-    resumed = infer(*common, f"hydra.run.dir={killed_dir}")
+    resumed = infer(capfd, *common, f"hydra.run.dir={killed_dir}")
     assert resumed.returncode == 0, resumed.stderr
     assert strip_times(killed_dir) == strip_times(tmp_path / "straight")
 

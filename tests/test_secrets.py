@@ -1,5 +1,6 @@
 """A key passed every way a user might (overrides, `api_key_env`, `${oc.env:...}`) never reaches a file:
-the CLI runs grep every file of the run directory, W&B's offline run included."""
+the apps' command lines (run in this process) grep every file of the run directory, W&B's offline run
+included."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_app
-from helpers.cli import run_cli
+from helpers.cli import run_in_process
 
 from reflectionflow.config import ConfigError
 from reflectionflow.search.errors import SetupError
@@ -28,9 +29,9 @@ def assert_nowhere(run_dir: Path, done) -> None:
     assert "3e8a61f0c4" not in done.stdout + done.stderr
 
 
-def test_train_writes_no_key_given_as_overrides(tmp_path, tiny_flux_path):
+def test_train_writes_no_key_given_as_overrides(tmp_path, tiny_flux_path, capfd):
     run_dir = tmp_path / "run"
-    done = run_cli(
+    done = run_in_process(
         "train",
         "experiment=tiny",
         f"model.path={tiny_flux_path}",
@@ -41,6 +42,7 @@ def test_train_writes_no_key_given_as_overrides(tmp_path, tiny_flux_path):
         "callbacks.validation_metrics=null",
         *OVERRIDES,
         f"hydra.run.dir={run_dir}",
+        capture=capfd,
         cache=tmp_path / "cache",
         env=ENV,
     )
@@ -50,10 +52,10 @@ def test_train_writes_no_key_given_as_overrides(tmp_path, tiny_flux_path):
     assert_nowhere(run_dir, done)
 
 
-def test_infer_writes_no_key_given_as_overrides_or_in_a_prompt(tmp_path):
+def test_infer_writes_no_key_given_as_overrides_or_in_a_prompt(tmp_path, capfd):
     """The reflector and refiner are not used by a noise search: their key settings are only written."""
     run_dir = tmp_path / "run"
-    done = run_cli(
+    done = run_in_process(
         "infer",
         "generator=deterministic",
         "verifier=deterministic",
@@ -65,6 +67,7 @@ def test_infer_writes_no_key_given_as_overrides_or_in_a_prompt(tmp_path):
         f"+refiner.chat.api_key={KEY}",
         "wandb.enabled=true",
         f"hydra.run.dir={run_dir}",
+        capture=capfd,
         env=ENV,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -46,6 +46,12 @@ def main_in_process(app: str, *overrides: str) -> str | None:
     """`python -m reflectionflow.<app> <overrides>` in this process, without an interpreter's start-up (the
     imports take most of a CLI test's time); returns its exit message (None: it ended normally). Hydra's
     global state and the logging handlers it installs are put back afterwards."""
+    code = exit_code(app, *overrides)
+    return None if code in (None, 0) else str(code)
+
+
+def exit_code(app: str, *overrides: str) -> int | str | None:
+    """`main_in_process`, returning the code of the SystemExit that ended it (None: it returned)."""
     import importlib
     import logging
     from unittest import mock
@@ -60,7 +66,7 @@ def main_in_process(app: str, *overrides: str) -> str | None:
         with mock.patch.object(sys, "argv", [app, *overrides]):
             main()
     except SystemExit as exit_:
-        return None if exit_.code in (None, 0) else str(exit_.code)
+        return exit_.code
     finally:
         for handler in set(root.handlers) - set(handlers):
             handler.close()
@@ -69,3 +75,30 @@ def main_in_process(app: str, *overrides: str) -> str | None:
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
     return None
+
+
+def run_in_process(
+    app: str,
+    *overrides: str,
+    capture,
+    cache: str | os.PathLike | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike = ROOT,
+) -> subprocess.CompletedProcess:
+    """`run_cli`'s result, the app run by `main_in_process` in `run_cli`'s environment and working directory:
+    stdout and stderr are what it printed (`capture`: pytest's capfd), an exit message last on stderr and
+    the return code as the interpreter gives them (a message: 1)."""
+    from unittest import mock
+
+    capture.readouterr()  # not what the test printed before
+    previous = os.getcwd()
+    with mock.patch.dict(os.environ, cli_env(cache, **(env or {})), clear=True):
+        os.chdir(cwd)
+        try:
+            code = exit_code(app, *overrides)
+        finally:
+            os.chdir(previous)
+    stdout, stderr = capture.readouterr()
+    if isinstance(code, str):
+        stderr, code = f"{stderr}{code}\n", 1
+    return subprocess.CompletedProcess([app, *overrides], code or 0, stdout, stderr)
