@@ -1,4 +1,5 @@
-"""Budget sweeps through the real CLI: a Hydra multirun, its automatic aggregation, W&B offline, launchers."""
+"""Budget sweeps through the real command line (in this process; the joblib launcher's in a real interpreter):
+a Hydra multirun, its automatic aggregation, W&B offline, launchers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_app
 from helpers.chat_server import ScriptedChatServer
-from helpers.cli import ROOT, cli_command
+from helpers.cli import ROOT, cli_command, run_in_process
 from hydra.types import RunMode
 from PIL import Image
 
@@ -25,9 +26,19 @@ DETERMINISTIC_ADVICE = ["reflector=deterministic", "refiner=deterministic"]
 
 
 def multirun(
-    sweep_dir: Path, *overrides: str, env: dict[str, str] | None = None
+    sweep_dir: Path, *overrides: str, capfd, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"} | (env or {})
+    """`python -m reflectionflow.infer -m ...` in this process (`capfd`: pytest's fixture)."""
+    done = run_in_process(
+        "infer", "-m", "progress=false", f"hydra.sweep.dir={sweep_dir}", *overrides, capture=capfd, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def multirun_in_interpreter(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m reflectionflow.infer -m ...` in a new interpreter (for launchers that start processes)."""
+    environment = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     done = subprocess.run(
         cli_command("infer", "-m", "progress=false", f"hydra.sweep.dir={sweep_dir}", *overrides),
         cwd=ROOT,
@@ -47,7 +58,7 @@ def prompt_file(folder: Path) -> Path:
     return path
 
 
-def test_tiny_flux_2x2_multirun_writes_results_table_and_plot(tmp_path, tiny_flux_path):
+def test_tiny_flux_2x2_multirun_writes_results_table_and_plot(tmp_path, tiny_flux_path, capfd):
     sweep = tmp_path / "sweep"
     multirun(
         sweep,
@@ -61,6 +72,7 @@ def test_tiny_flux_2x2_multirun_writes_results_table_and_plot(tmp_path, tiny_flu
         "search.depth=0,1",
         "prompts=file",
         f"prompts.path={prompt_file(tmp_path)}",
+        capfd=capfd,
     )
     files = sorted(sweep.glob("*/result.json"))
     assert [p.parent.name for p in files] == ["0", "1", "2", "3"]
@@ -97,7 +109,7 @@ def test_tiny_flux_2x2_multirun_writes_results_table_and_plot(tmp_path, tiny_flu
     assert plotted == sorted((r["per_prompt_budget"]["images"], r["mean_score"]) for r in results.values())
 
 
-def test_wandb_offline_runs_per_job_grouped_with_table_and_scaling_plot(tmp_path):
+def test_wandb_offline_runs_per_job_grouped_with_table_and_scaling_plot(tmp_path, capfd):
     sweep = tmp_path / "grid-5d1e"
     wandb_home = tmp_path / "wandb_home"
     env = {
@@ -118,6 +130,7 @@ def test_wandb_offline_runs_per_job_grouped_with_table_and_scaling_plot(tmp_path
             f"prompts.path={prompt_file(tmp_path)}",
             "wandb.enabled=true",
             f"+notes.api_token={PLANTED}",
+            capfd=capfd,
             env=env,
         )
         assert server.requests and all(r.authorization == f"Bearer {KEY}" for r in server.requests)
@@ -166,7 +179,7 @@ def test_wandb_offline_runs_per_job_grouped_with_table_and_scaling_plot(tmp_path
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     sweep = tmp_path / "sweep"
-    multirun(
+    multirun_in_interpreter(
         sweep,
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",

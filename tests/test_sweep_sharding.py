@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import compose_app
-from helpers.cli import ROOT, cli_command
+from helpers.cli import run_in_process
 from helpers.search import deterministic_engine
 from hydra.core.hydra_config import HydraConfig
 
@@ -161,21 +161,14 @@ def run_files(run_dir: Path) -> dict[str, object]:
     return files
 
 
-def infer(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
-    return subprocess.Popen(
-        cli_command("infer", "progress=false", *args),
-        cwd=ROOT,
-        env=environment | (env or {}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(process: subprocess.Popen) -> None:
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
+def infer(capfd, *args: str, env: dict[str, str] | None = None) -> None:
+    """`python -m reflectionflow.infer ...` in this process, outside any SLURM array or torchrun (`env` adds
+    variables); `capfd`: pytest's fixture."""
+    with mock.patch.dict(os.environ):
+        for name in [k for k in os.environ if k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))]:
+            del os.environ[name]
+        done = run_in_process("infer", "progress=false", *args, capture=capfd, env=env)
+    assert done.returncode == 0, done.stderr
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[int, bytes]]:
@@ -186,7 +179,7 @@ def snapshot(run_dir: Path) -> dict[str, tuple[int, bytes]]:
     }
 
 
-def test_two_array_shards_then_merge_equal_one_unsharded_run(tmp_path, capsys):
+def test_two_array_shards_then_merge_equal_one_unsharded_run(tmp_path, capfd):
     """Shards of a SLURM array (task ids 4 and 5 of `--array=4-5`) share one run directory; neither touches
     a file of the other; merged, they equal an unsharded run file for file: images byte-equal, JSON equal
     except for wall times and the merged result's `merged_from` (which shards it joined)."""
@@ -205,11 +198,10 @@ def test_two_array_shards_then_merge_equal_one_unsharded_run(tmp_path, capsys):
     ]
     shared, single = tmp_path / "shared", tmp_path / "single"
     array = {"SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "2"}
-    unsharded = infer(*common, f"hydra.run.dir={single}")
-    finish(infer(*common, f"hydra.run.dir={shared}", env=array | {"SLURM_ARRAY_TASK_ID": "4"}))
+    infer(capfd, *common, f"hydra.run.dir={single}")
+    infer(capfd, *common, f"hydra.run.dir={shared}", env=array | {"SLURM_ARRAY_TASK_ID": "4"})
     first = snapshot(shared)
-    finish(infer(*common, f"hydra.run.dir={shared}", env=array | {"SLURM_ARRAY_TASK_ID": "5"}))
-    finish(unsharded)
+    infer(capfd, *common, f"hydra.run.dir={shared}", env=array | {"SLURM_ARRAY_TASK_ID": "5"})
 
     after = snapshot(shared)
     assert {name: after[name] for name in first} == first  # shard 1 rewrote nothing of shard 0
@@ -224,7 +216,7 @@ def test_two_array_shards_then_merge_equal_one_unsharded_run(tmp_path, capsys):
 
     merged = tmp_path / "merged"
     aggregate_cli(["--merge", str(shared), "--out", str(merged)])
-    assert "merged 2 shards, 5 prompts" in capsys.readouterr().out
+    assert "merged 2 shards, 5 prompts" in capfd.readouterr().out
 
     expected, actual = run_files(single), run_files(merged)
     assert sorted(expected) == sorted(actual)
