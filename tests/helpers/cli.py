@@ -68,6 +68,7 @@ def exit_code(app: str, *overrides: str) -> int | str | None:
     except SystemExit as exit_:
         return exit_.code
     finally:
+        finish_wandb_run()
         for handler in set(root.handlers) - set(handlers):
             handler.close()
         root.handlers[:] = handlers
@@ -75,6 +76,14 @@ def exit_code(app: str, *overrides: str) -> int | str | None:
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
     return None
+
+
+def finish_wandb_run() -> None:
+    """Finish a W&B run the app left open, as the interpreter's exit does (W&B's atexit hook): its records
+    are written out, and the next run is a new one."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def run_in_process(
