@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from unittest import mock
 
 import pytest
 from conftest import compose_app
-from helpers.cli import run_cli
+from helpers.cli import main_in_process, run_in_process
 from helpers.fake_hub import FakeHub
 from huggingface_hub import ModelCard
 from omegaconf import OmegaConf
@@ -22,28 +24,30 @@ def trained_run(tmp_path_factory):
     """A 2-step tiny training run: its directory holds lora/final, validation/ and .hydra/config.yaml."""
     root = tmp_path_factory.mktemp("export")
     run = root / "run"
-    done = run_cli(
-        "train",
-        "experiment=tiny",
-        "trainer.max_steps=2",
-        "model.lora_rank=4",
-        "validation.num_inference_steps=2",
-        f"hydra.run.dir={run}",
-        cache=root / "cache",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    with mock.patch.dict(os.environ, {"REFLECTIONFLOW_CACHE": str(root / "cache")}):
+        message = main_in_process(
+            "train",
+            "experiment=tiny",
+            "trainer.max_steps=2",
+            "model.lora_rank=4",
+            "validation.num_inference_steps=2",
+            f"hydra.run.dir={run}",
+        )
+    assert message is None
     return run
 
 
-def test_push_uploads_the_lora_with_a_model_card_and_the_validation_sheet(trained_run):
+def test_push_uploads_the_lora_with_a_model_card_and_the_validation_sheet(trained_run, monkeypatch, capfd):
     lora = trained_run / "lora" / "final"
     with FakeHub() as hub:
-        done = run_cli(
+        hub.use_in_process(monkeypatch)
+        done = run_in_process(
             "export",
             "push",
             str(lora),
             "--repo",
             "org/corrector",
+            capture=capfd,
             env=hub.environment() | {"HF_TOKEN": TOKEN},
         )
         assert done.returncode == 0, done.stderr[-3000:]
@@ -76,14 +80,16 @@ def test_push_uploads_the_lora_with_a_model_card_and_the_validation_sheet(traine
     assert "![validation](images/validation.png)" in card.text and "step 2" in card.text
 
 
-def test_push_without_hf_token_fails_in_one_line(trained_run):
+def test_push_without_hf_token_fails_in_one_line(trained_run, monkeypatch, capfd):
     with FakeHub() as hub:
-        done = run_cli(
+        hub.use_in_process(monkeypatch)
+        done = run_in_process(
             "export",
             "push",
             str(trained_run / "lora" / "final"),
             "--repo",
             "org/corrector",
+            capture=capfd,
             env=hub.environment() | {"HF_TOKEN": ""},
         )
         assert not hub.requests

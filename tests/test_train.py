@@ -1,4 +1,5 @@
-"""Reflection tuning through the real configs: CLI runs, exact resume, strategies, loggers, bad input."""
+"""Reflection tuning through the real configs: CLI runs (in this process; multi-process and killed runs in
+real interpreters), exact resume, strategies, loggers, bad input."""
 
 import csv
 import json
@@ -12,6 +13,7 @@ import torch
 from conftest import compose_app
 from helpers.cli import cli_command, cli_env
 from helpers.cli import run_cli as run_app
+from helpers.cli import run_in_process as run_app_in_process
 from hydra.utils import instantiate
 from PIL import Image
 from safetensors.torch import load_file
@@ -39,6 +41,11 @@ def run_cli(run_dir, *overrides, cache, timeout=600):
     return run_app("train", *FAST, f"hydra.run.dir={run_dir}", *overrides, cache=cache, timeout=timeout)
 
 
+def cli_in_process(capfd, run_dir, *overrides, cache):
+    """`run_cli` in this process (`capfd`: pytest's fixture, for what the run printed)."""
+    return run_app_in_process("train", *FAST, f"hydra.run.dir={run_dir}", *overrides, capture=capfd, cache=cache)
+
+
 def run_in_process(run_dir, *overrides):
     """`python -m reflectionflow.train ...` without a new interpreter: compose the real config, then train."""
     from reflectionflow.train import train
@@ -51,8 +58,8 @@ def losses(metrics_csv: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def test_cli_tiny_run_trains_only_lora_and_writes_a_loadable_lora(tmp_path, cache):
-    result = run_cli(tmp_path / "run", "trainer.max_steps=3", cache=cache)
+def test_cli_tiny_run_trains_only_lora_and_writes_a_loadable_lora(tmp_path, cache, capfd):
+    result = cli_in_process(capfd, tmp_path / "run", "trainer.max_steps=3", cache=cache)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     steps = losses(run / "logs" / "metrics.csv")
@@ -91,11 +98,11 @@ def test_cli_tiny_run_trains_only_lora_and_writes_a_loadable_lora(tmp_path, cach
         assert not torch.equal(corrector_forward(base.transformer, **inputs), corrector_forward(tuned.transformer, **inputs))
 
 
-def test_progress_bar_counts_steps_of_max_steps_also_after_resume(tmp_path, cache):
+def test_progress_bar_counts_steps_of_max_steps_also_after_resume(tmp_path, cache, capfd):
     common = ["callbacks.validation=null", "callbacks.validation_metrics=null"]
-    first = run_cli(tmp_path / "run", "trainer.max_steps=3", *common, cache=cache)
+    first = cli_in_process(capfd, tmp_path / "run", "trainer.max_steps=3", *common, cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run_cli(tmp_path / "run", "trainer.max_steps=5", "resume=true", *common, cache=cache)
+    resumed = cli_in_process(capfd, tmp_path / "run", "trainer.max_steps=5", "resume=true", *common, cache=cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for done, start, end in [(first, 0, 3), (resumed, 3, 5)]:
         counts = re.findall(r"train:\s+\d+%\|[^|]*\| (\d+)/(\d+) \[", done.stdout)
@@ -185,9 +192,9 @@ def test_a_moved_run_directory_resumes_into_its_own_last_ckpt_and_prunes(tmp_pat
     assert os.readlink(moved / "checkpoints" / "last.ckpt") == "step-0000006.ckpt"
 
 
-def test_wandb_offline_run_holds_the_validation_panel(tmp_path, cache):
+def test_wandb_offline_run_holds_the_validation_panel(tmp_path, cache, capfd):
     run_dir = tmp_path / "wandb-run-7c3f"
-    result = run_cli(run_dir, "trainer.max_steps=2", "logger=wandb", "validation.every_n_steps=1",
+    result = cli_in_process(capfd, run_dir, "trainer.max_steps=2", "logger=wandb", "validation.every_n_steps=1",
                      "task_name=tinygroup5e", cache=cache)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((run_dir / "wandb").glob("offline-run-*"))
@@ -217,8 +224,8 @@ def test_wandb_offline_run_holds_the_validation_panel(tmp_path, cache):
         (["data.shards='/nonexistent/genref_{0..3}.tar'"], "/nonexistent/genref"),
     ],
 )
-def test_bad_input_fails_in_one_line_before_loading(tmp_path, cache, overrides, message):
-    result = run_cli(tmp_path / "run", *overrides, cache=cache)
+def test_bad_input_fails_in_one_line_before_loading(tmp_path, cache, overrides, message, capfd):
+    result = cli_in_process(capfd, tmp_path / "run", *overrides, cache=cache)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
@@ -227,7 +234,7 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, cache, overrides, 
 
 
 @pytest.mark.parametrize("kind", ["text file as the only shard", "checkpoint of random bytes", "no checkpoint"])
-def test_unusable_input_files_fail_in_one_line_naming_them(tmp_path, cache, kind):
+def test_unusable_input_files_fail_in_one_line_naming_them(tmp_path, cache, kind, capfd):
     text, garbage = tmp_path / "genref_0000.tar", tmp_path / "last.ckpt"
     text.write_text("not a tar archive\n" * 64)
     garbage.write_bytes(os.urandom(4096))
@@ -236,7 +243,7 @@ def test_unusable_input_files_fail_in_one_line_naming_them(tmp_path, cache, kind
         "checkpoint of random bytes": ([f"ckpt_path={garbage}"], f"ckpt_path={garbage} is not a Lightning checkpoint"),
         "no checkpoint": ([f"ckpt_path={tmp_path / 'none.ckpt'}"], "none.ckpt does not exist"),
     }[kind]
-    result = run_cli(tmp_path / "run", *overrides, cache=cache)
+    result = cli_in_process(capfd, tmp_path / "run", *overrides, cache=cache)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and named in errors[0], result.stderr[-2000:]
@@ -244,8 +251,8 @@ def test_unusable_input_files_fail_in_one_line_naming_them(tmp_path, cache, kind
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_unknown_optimizer_is_a_config_error(tmp_path, cache):
-    result = run_cli(tmp_path / "run", "optimizer@model.optimizer=sgdx", cache=cache)
+def test_unknown_optimizer_is_a_config_error(tmp_path, cache, capfd):
+    result = cli_in_process(capfd, tmp_path / "run", "optimizer@model.optimizer=sgdx", cache=cache)
     assert result.returncode != 0 and "sgdx" in result.stderr
 
 
@@ -270,13 +277,13 @@ def test_two_process_training(tmp_path, cache, strategy):
 
 
 @pytest.mark.slow
-def test_resume_after_the_process_was_killed(tmp_path, cache):
+def test_resume_after_the_process_was_killed(tmp_path, cache, capfd):
     """SIGKILL a CLI run once its step-4 checkpoint exists, resume: the final LoRA equals an uninterrupted run's."""
     import signal
     import time
 
     common = ["trainer.max_steps=12", "checkpoint.every_n_steps=2", "validation.every_n_steps=0"]
-    straight = run_cli(tmp_path / "straight", *common, cache=cache)
+    straight = cli_in_process(capfd, tmp_path / "straight", *common, cache=cache)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
@@ -290,7 +297,7 @@ def test_resume_after_the_process_was_killed(tmp_path, cache):
     process.wait()
     assert not (killed_dir / "lora" / "final").exists(), "the run finished before it was killed"
 
-    resumed = run_cli(killed_dir, *common, "resume=true", cache=cache)
+    resumed = cli_in_process(capfd, killed_dir, *common, "resume=true", cache=cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_file(tmp_path / "straight" / "lora" / "final" / "pytorch_lora_weights.safetensors")
     b = load_file(killed_dir / "lora" / "final" / "pytorch_lora_weights.safetensors")
