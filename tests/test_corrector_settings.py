@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
-from helpers.cli import run_cli
+from helpers.cli import run_in_process
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
@@ -101,13 +101,13 @@ def test_a_conflicting_override_fails_in_one_line_before_loading(aligned_lora, t
     assert resolve(path, {"condition_position": "aligned"}).condition_position == "aligned"
 
 
-def test_the_infer_app_reports_a_conflict_as_one_error_line(aligned_lora, tiny_flux_path, tmp_path):
+def test_the_infer_app_reports_a_conflict_as_one_error_line(aligned_lora, tiny_flux_path, tmp_path, capfd):
     path, _ = aligned_lora
-    done = run_cli(
+    done = run_in_process(
         "infer", "progress=false", "generator=flux_tiny", f"weights.path={tiny_flux_path}",
         f"weights.lora_path={path}", "generator.condition_position=beside", "verifier=deterministic",
         "reflector=deterministic", "refiner=deterministic", "search.width=1", "search.depth=1",
-        "prompt=a red cube", f"hydra.run.dir={tmp_path / 'run'}", timeout=120,
+        "prompt=a red cube", f"hydra.run.dir={tmp_path / 'run'}", capture=capfd,
     )
     assert done.returncode != 0
     [line] = done.stderr.strip().splitlines()[-1:]

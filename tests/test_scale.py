@@ -366,26 +366,39 @@ def test_text_embeddings_are_checked_before_the_model_loads(tmp_path, tiny_flux_
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark
-def _gpu_benchmark(*args: str):
+def _gpu_benchmark(capfd, *args: str):
+    """`python benchmarks/gpu.py <args>` in this process (`capfd`: pytest's fixture, for what it printed), the
+    torch thread count and random state it sets put back afterwards."""
+    import runpy
     import subprocess
     import sys
+    from unittest import mock
 
-    from helpers.cli import ROOT, cli_env
+    from helpers.cli import ROOT
 
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), *args], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=600)
+    threads, code = torch.get_num_threads(), 0
+    capfd.readouterr()  # not what the test printed before
+    try:
+        with torch.random.fork_rng(), mock.patch.object(sys, "argv", ["benchmarks/gpu.py", *args]):
+            runpy.run_path(str(ROOT / "benchmarks" / "gpu.py"), run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1 if exit_.code else 0
+    finally:
+        torch.set_num_threads(threads)
+    stdout, stderr = capfd.readouterr()
+    return subprocess.CompletedProcess(["benchmarks/gpu.py", *args], code, stdout, stderr)
 
 
-def test_gpu_benchmark_says_so_in_one_line_without_a_gpu():
+def test_gpu_benchmark_says_so_in_one_line_without_a_gpu(capfd):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the benchmark measures instead")
-    result = _gpu_benchmark()
+    result = _gpu_benchmark(capfd)
     assert result.returncode == 0 and result.stdout.strip().splitlines() == [
         "no CUDA GPU on this machine: nothing measured (python benchmarks/gpu.py --small runs the code on CPU)"]
 
 
-def test_gpu_benchmark_runs_its_code_at_toy_width_on_cpu():
-    result = _gpu_benchmark("--small")
+def test_gpu_benchmark_runs_its_code_at_toy_width_on_cpu(capfd):
+    result = _gpu_benchmark(capfd, "--small")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     train = [line for line in lines if line.startswith("train step")]
