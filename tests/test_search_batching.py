@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.cli import run_in_process
 from helpers.search import deterministic_engine
 from PIL import Image
 
@@ -238,14 +239,9 @@ def test_tiny_flux_concurrent_prompts_match_one_at_a_time(tmp_path, flux_generat
         assert np.abs(picture.astype(int) - pictures[1][name].astype(int)).max() <= 2, name
 
 
-def test_bad_concurrent_prompts_is_one_clear_error(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", REFLECTIONFLOW_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, "-m", "reflectionflow.infer", "concurrent_prompts=0", "prompt=a red cube",
-           "generator=deterministic", "verifier=deterministic", "search=noise", f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+def test_bad_concurrent_prompts_is_one_clear_error(tmp_path, capfd):
+    result = run_in_process("infer", "concurrent_prompts=0", "prompt=a red cube", "generator=deterministic",
+                            "verifier=deterministic", "search=noise", f"hydra.run.dir={tmp_path / 'run'}",
+                            capture=capfd, cache=tmp_path / "cache")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == "error: concurrent_prompts must be a positive int, got 0"

@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from helpers.cli import run_cli
+from helpers.cli import run_in_process
 from helpers.search import deterministic_engine
 
 from reflectionflow.search.checkers import ThresholdChecker
@@ -62,13 +62,13 @@ def test_budgets_that_are_no_prefix_are_refused():
     assert SearchConfig(budgets=(8, 2, 4), budget_width=2).budgets == (2, 4, 8)
 
 
-def test_a_nested_job_gives_the_table_one_row_per_budget(tmp_path):
+def test_a_nested_job_gives_the_table_one_row_per_budget(tmp_path, capfd):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\ntwo blue balls\n")
-    done = run_cli("infer", "-m", "progress=false", "generator=deterministic", "verifier=deterministic",
-                   "reflector=deterministic", "refiner=deterministic", "checker=deterministic", "prompts=file",
-                   f"prompts.path={prompts}", "search=noise,reflectionflow", "search.budgets=[1,2,4]",
-                   f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    done = run_in_process("infer", "-m", "progress=false", "generator=deterministic", "verifier=deterministic",
+                          "reflector=deterministic", "refiner=deterministic", "checker=deterministic", "prompts=file",
+                          f"prompts.path={prompts}", "search=noise,reflectionflow", "search.budgets=[1,2,4]",
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}", capture=capfd)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "sweep" / "scaling.csv").open()))
     assert sorted((r["preset"], r["budget"]) for r in rows) == sorted(
