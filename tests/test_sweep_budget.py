@@ -116,7 +116,8 @@ def test_sweep_configs_start_a_multirun_over_their_grid():
         "search.budget": "1,2,4,8,16,32",
     }
     assert [c._target_ for c in budget.hydra.callbacks.values()] == [
-        "reflectionflow.search.aggregation.AggregateCallback"
+        "reflectionflow.config.RedactSavedConfigs",  # before the aggregate reads the saved configs
+        "reflectionflow.search.aggregation.AggregateCallback",
     ]
     for preset in matched.hydra.sweeper.params.search.split(","):  # every budget of the grid is matchable
         cfg = compose_app("infer", f"search={preset}")
