@@ -30,7 +30,7 @@ PAIRS = [(app, name) for app in APPS for name in experiments(app)]
 
 def test_each_app_has_the_experiments_it_documents():
     assert experiments("train") == ["genref", "shapes_base", "shapes_corrector", "shapes_text", "shapes_vae", "tiny"]
-    assert experiments("infer") == ["geneval", "shapes", "tiny"]
+    assert experiments("infer") == ["geneval", "geneval_paper", "shapes", "tiny"]
 
 
 @pytest.mark.parametrize(("app", "experiment"), PAIRS)
