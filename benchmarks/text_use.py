@@ -45,7 +45,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cfg", type=float, default=2.0)
     args = parser.parse_args()
-    torch.set_num_threads(2)
 
     from reflectionflow.config import compose
     from reflectionflow.models.loading import load_flux_pipeline
