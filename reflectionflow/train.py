@@ -2,14 +2,14 @@
 
 Composes `reflectionflow/conf/train/train.yaml`, resolves `recipe://` references (training missing recipes
 first), checks the cheap things (strategy, model path, shards) so bad input fails in one line before any
-model loads, then builds everything with `hydra.utils.instantiate` and runs a Lightning `Trainer.fit`. `resume=true` continues from the newest checkpoint in `<run dir>/checkpoints/`.
+model loads, then builds everything with `hydra.utils.instantiate` and runs a Lightning `Trainer.fit`.
+`resume=true` continues from the newest complete checkpoint in `<run dir>/checkpoints/`.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import zipfile
 from pathlib import Path
 
 import hydra
@@ -100,11 +100,12 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_checkpoint_file(path: Path) -> None:
-    """`ckpt_path` exists and is a `torch.save` archive (a zip file; a directory: a sharded checkpoint),
-    checked without unpickling it."""
+    """`ckpt_path` exists and is a checkpoint (`callbacks.is_checkpoint`)."""
+    from reflectionflow.models.callbacks import is_checkpoint
+
     if not path.exists():
         raise ConfigError(f"ckpt_path={path} does not exist")
-    if path.is_file() and not zipfile.is_zipfile(path):
+    if not is_checkpoint(path):
         raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (not a torch.save archive)")
 
 

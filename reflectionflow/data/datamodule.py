@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from reflectionflow.data.schedule import SubsetSchedule
-from reflectionflow.data.sources import IMAGE_KEYS, SKIP_REASONS, check_shards, read_shard
+from reflectionflow.data.sources import SKIP_REASONS, check_shards, read_shard
 from reflectionflow.data.stream import GenRefStream
 from reflectionflow.data.text_embeddings import check_text_embeddings
 from reflectionflow.data.transforms import (
@@ -33,7 +33,7 @@ from reflectionflow.data.transforms import (
     DropRates,
     decode_pair,
     default_max_image_pixels,
-    header_pixels,
+    sample_pixels,
     t5_text,
     to_model_range,
 )
@@ -215,7 +215,7 @@ class GenRefDataModule(L.LightningDataModule):
             return samples
         for url in check_shards(self.val_shards if self.val_shards is not None else self.shards):
             for raw in read_shard(url, Counter()):  # validation skips are not training skips
-                if max(header_pixels(raw.members[key]) for key in IMAGE_KEYS) > self.max_image_pixels:
+                if sample_pixels(raw.members) > self.max_image_pixels:
                     continue
                 try:
                     image, condition = decode_pair(

@@ -52,14 +52,14 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from reflectionflow.data.schedule import SubsetSchedule
-from reflectionflow.data.sources import IMAGE_KEYS, SKIP_REASONS, RawSample, read_shard, stream_shard_order
+from reflectionflow.data.sources import SKIP_REASONS, RawSample, read_shard, stream_shard_order
 from reflectionflow.data.text_embeddings import TextEmbeddingReader
 from reflectionflow.data.transforms import (
     DECODE_ERRORS,
     DropRates,
     choose_t5_text,
     decode_pair,
-    header_pixels,
+    sample_pixels,
     stack_images,
 )
 
@@ -268,7 +268,7 @@ class _Stream:
     def _oversized(self, raw: RawSample, log_it: bool) -> bool:
         """Whether an image of the sample would decode to more than `max_image_pixels` (from the headers, so
         the replay of a resume skips the same samples without decoding)."""
-        pixels = max(header_pixels(raw.members[key]) for key in IMAGE_KEYS)
+        pixels = sample_pixels(raw.members)
         if pixels <= self.config.max_image_pixels:
             return False
         if log_it:

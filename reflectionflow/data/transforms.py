@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
+from reflectionflow.data.sources import IMAGE_KEYS
+
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 MIN_REFLECTION_CHARS = 5
 REFLECTION_SEPARATOR = " [Reflexion] "
@@ -138,6 +140,11 @@ def header_pixels(data: bytes) -> float:
     except DECODE_ERRORS:
         return 0
     return width * height
+
+
+def sample_pixels(members: dict[str, bytes]) -> float:
+    """The pixels the larger image of a raw sample would decode to (`header_pixels`)."""
+    return max(header_pixels(members[key]) for key in IMAGE_KEYS)
 
 
 def default_max_image_pixels(target_size: int, condition_size: int) -> int:

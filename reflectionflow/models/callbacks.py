@@ -147,13 +147,19 @@ def step_checkpoints(dirpath: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def newest_complete_checkpoint(dirpath: Path) -> Path | None:
-    """The checkpoint `resume=true` continues from: the highest step's, which is newer than `last.ckpt` when a
-    run was killed between writing it and relinking `last.ckpt`; a file must be a whole torch zip archive."""
+def is_checkpoint(path: Path) -> bool:
+    """A whole `torch.save` archive (a zip file), or a directory (a sharded strategy's checkpoint); checked
+    without unpickling it."""
     import zipfile
 
+    return path.is_dir() or zipfile.is_zipfile(path)
+
+
+def newest_complete_checkpoint(dirpath: Path) -> Path | None:
+    """The checkpoint `resume=true` continues from: the highest step's complete one (`is_checkpoint`), which
+    is newer than `last.ckpt` when a run was killed between writing it and relinking `last.ckpt`."""
     for path in reversed(step_checkpoints(dirpath)):
-        if path.is_dir() or zipfile.is_zipfile(path):
+        if is_checkpoint(path):
             return path
     last = dirpath / "last.ckpt"
     return last if last.exists() else None

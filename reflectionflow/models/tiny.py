@@ -55,8 +55,9 @@ def build_tokenizers(corpus: list[str], extra_ids: int = 0):
     """A byte-level BPE CLIP tokenizer and a Unigram T5 tokenizer whose vocabularies are the words of
     `corpus`: every corpus word is one T5 token (sentence punctuation its own), any other text falls back
     to characters. `extra_ids` T5 sentinels (`<extra_id_0>`, ...) follow the vocabulary, as T5's do (its
-    pretraining masks with them); with any, CLIP gets a `<|mask|>` token too, for masked-LM pretraining. CLIP's merges spell each word, but merges of more frequent words can win first ("green"
-    -> g, re, e, n): distinct words stay distinct sequences, not always single tokens.
+    pretraining masks with them); with any, CLIP gets a `<|mask|>` token too, for masked-LM pretraining.
+    CLIP's merges spell each word, but merges of more frequent words can win first ("green" -> g, re, e,
+    n): distinct words stay distinct sequences, not always single tokens.
 
     Built by rule, not by the `tokenizers` trainers (whose merges and scores vary run to run), so the
     same corpus always gives the same token ids.

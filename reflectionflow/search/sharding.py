@@ -149,9 +149,10 @@ def _comparable(result: Mapping[str, Any]) -> dict[str, Any]:
 def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
     """Join shard run directories into `out` (may be one of them, e.g. shards that shared a run dir).
 
-    Copies every finished prompt folder and the shards' `run.json`, then writes `result.json` over all prompts (the result file
-    replaces the summary `RunWriter` keeps), from the shards' search.json files and per-prompt verdicts. Refuses
-    unfinished prompts, a prompt found twice, missing shards and shards of different searches.
+    Copies every finished prompt folder and the shards' `run.json`, then writes `result.json` over all
+    prompts (the result file replaces the summary `RunWriter` keeps), from the shards' search.json files and
+    per-prompt verdicts. Refuses unfinished prompts, a prompt found twice, missing shards and shards of
+    different searches.
     """
     roots = list(dict.fromkeys(Path(s).resolve() for s in sources))
     out = Path(out).resolve()

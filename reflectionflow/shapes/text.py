@@ -10,10 +10,10 @@ image: the held-out split is about which (prompt, image) pairs the base model se
 are sentences of the language like any other.
 
 The CLIP text tower is pretrained the same way beside it (its pooled vector is the corrector's prompt).
-The product (`export`) is the tokenizers and the encoders in diffusers-pipeline folder names
-(`tokenizer/`, `tokenizer_2/`, `text_encoder/`, `text_encoder_2/`) and `metrics.json`: masked-token accuracy and a linear
-probe on the frozen features of held-out reflections (edit type, the object's colour and shape before
-and after, the cell), next to the same probe on an untrained encoder of the same shape.
+The product (`export`) is the tokenizers and the encoders in diffusers-pipeline folder names (`tokenizer/`,
+`tokenizer_2/`, `text_encoder/`, `text_encoder_2/`) and `metrics.json`: masked-token accuracy and a linear
+probe on the frozen features of held-out reflections (edit type, the object's colour and shape before and
+after, the cell), next to the same probe on an untrained encoder of the same shape.
 """
 
 from __future__ import annotations
