@@ -188,6 +188,8 @@ def _stale(path: Path, holder: Mapping[str, Any]) -> bool:
     if holder.get("host") != socket.gethostname():
         return False  # cannot tell: another machine's process
     pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False  # cannot tell: a lock without a process id
     if pid == os.getpid():
         return path.resolve() not in _HELD
     try:
