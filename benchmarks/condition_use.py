@@ -1,6 +1,7 @@
 """Does the shapes corrector read its flawed image and its reflection, and which edits does it fix?
 
     python benchmarks/condition_use.py [--base DIR --lora DIR] [--cases N] [--fix-cases N]
+        [--tags colors --flaws wrong_color]
 
 On held-out editing triplets (the good image is the flawed one with the reflection's edits), three tables
 from `reflectionflow.models.diagnostics.condition_use` and the corrector's attention, then the fix rates:
@@ -55,6 +56,22 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+def fresh_accuracy(flux, cases: list, size: int, steps: int, true_cfg_scale: float, max_sequence_length: int) -> float:
+    """The base model's single-sample accuracy on the prompts of `cases` (the baseline of their fix rate)."""
+    from reflectionflow.models.pipeline import ReflectionFluxPipeline
+    from reflectionflow.shapes.evaluation import judge
+
+    pipe = ReflectionFluxPipeline(flux, max_sequence_length=max_sequence_length)
+
+    def samples(start: int, chunk) -> list:
+        noises = torch.stack([pipe.initial_noise(start + i, size, size) for i in range(len(chunk))])
+        return pipe.generate([s.prompt for s in chunk], noises=noises, height=size, width=size,
+                             num_inference_steps=steps, true_cfg_scale=true_cfg_scale)
+
+    judged = judge([c.meta["spec"] for c in cases], samples, 32)
+    return sum(j.correct for j in judged) / len(judged)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="base model dir (default: the shapes_base product)")
@@ -62,6 +79,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=64, help="held-out triplets of the loss tables")
     parser.add_argument("--fix-cases", type=int, default=12, help="held-out flawed renders per category")
     parser.add_argument("--times", type=float, nargs="+", default=[0.3, 0.6, 0.9])
+    parser.add_argument("--tags", nargs="+", help="only these prompt categories (a rung of the ladder)")
+    parser.add_argument("--flaws", nargs="+", help="only these mistakes, e.g. wrong_color (see world.flaws)")
     parser.add_argument("--override", nargs="*", default=[], help="train config overrides of the corrector")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -73,7 +92,6 @@ def main() -> None:
     from reflectionflow.models.pipeline import ReflectionFluxPipeline
     from reflectionflow.models.settings import CorrectorSettings
     from reflectionflow.recipes import built_product
-    from reflectionflow.shapes.base import sample_accuracy
     from reflectionflow.shapes.corrector import ABLATIONS, corrector_fix_rates
     from reflectionflow.shapes.evaluation import EDIT_TYPES
     from reflectionflow.shapes.triplets import heldout_flawed_cases
@@ -87,7 +105,9 @@ def main() -> None:
                                  lora_on_target=cfg.lora_on_target, max_sequence_length=cfg.max_sequence_length)
     flux = load_flux_pipeline(base, lora_path=lora)
     transformer = flux.transformer.eval()
-    cases = heldout_flawed_cases(-(-args.cases // 6), size, seed=1)[: args.cases]
+    rung = dict(tags=args.tags, flaws=args.flaws)
+    per_category = -(-args.cases // len(args.tags or range(6)))
+    cases = heldout_flawed_cases(per_category, size, seed=1, **rung)[: args.cases]
     batch = samples_batch([{"image": c.good, "condition": c.bad, "prompt": c.prompt, "reflection": c.reflection,
                             "t5_text": ""} for c in cases])
     print(f"{len(cases)} held-out editing triplets; base {base}; corrector {lora} ({settings})")
@@ -120,15 +140,15 @@ def main() -> None:
           ["t", "block", "own condition token", "other condition token", "all target", "all text"], rows)
 
     pipe = ReflectionFluxPipeline.with_settings(flux, settings, micro_batch=48)
-    fix_cases = heldout_flawed_cases(args.fix_cases, size, seed=0)
+    fix_cases = heldout_flawed_cases(args.fix_cases, size, seed=0, **rung)
     fixes, _ = corrector_fix_rates(pipe, fix_cases, image_size=size, num_inference_steps=cfg.eval_steps,
                                    true_cfg_scale=cfg.eval_true_cfg_scale, seed=0)
-    fresh, _ = sample_accuracy(flux, args.fix_cases, size, cfg.eval_steps, cfg.eval_true_cfg_scale,
-                            compose("train", ["experiment=shapes_corrector"]).data.sample_max_sequence_length)
+    fresh = fresh_accuracy(flux, fix_cases, size, cfg.eval_steps, cfg.eval_true_cfg_scale,
+                           compose("train", ["experiment=shapes_corrector"]).data.sample_max_sequence_length)
     groups = [g for g in (*EDIT_TYPES, "1 edit", "2+ edits") if g in fixes["full"]["per_edit_type"]
               or g in fixes["full"]["per_edit_count"]]
     table(f"fix rate on {len(fix_cases)} held-out flawed renders (base model's fresh samples: "
-          f"{fresh['accuracy']:.1%})", ["corrector input", "all", *groups],
+          f"{fresh:.1%} on the same prompts)", ["corrector input", "all", *groups],
           [[name, f"{fixes[name]['fix_rate']:.1%}",
             *(f"{(fixes[name]['per_edit_type'] | fixes[name]['per_edit_count']).get(g, float('nan')):.1%}"
               for g in groups)] for name in ABLATIONS])

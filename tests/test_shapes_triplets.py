@@ -7,7 +7,7 @@ import json
 import numpy as np
 import webdataset as wds
 
-from reflectionflow.shapes.triplets import write_genref_shards
+from reflectionflow.shapes.triplets import heldout_flawed_cases, write_genref_shards
 from reflectionflow.shapes.world import (
     PromptSpec,
     apply_reflection,
@@ -80,3 +80,13 @@ def test_an_instruction_edit_keeps_the_prompt_satisfied_and_only_the_reflection_
         assert [(o.shape, o.color, o.cell) for o in detect_scene(render_scene(edited)).objects] == [
             (o.shape, o.color, o.cell) for o in detect_scene(triplet.good).objects]
         assert detect_scene(triplet.bad).objects != detect_scene(triplet.good).objects
+
+
+def test_heldout_cases_narrow_to_a_rung_of_the_ladder_and_default_to_every_prompt():
+    every = heldout_flawed_cases(2, 48, seed=0)
+    assert len(every) == 12  # one per held-out prompt, 2 per category
+    rung = heldout_flawed_cases(4, 48, seed=0, tags=["color_attr", "position"], flaws=["wrong_color"])
+    assert len(rung) == 8
+    assert {c.meta["spec"].tag for c in rung} == {"color_attr", "position"}
+    assert {c.meta["flaw"] for c in rung} == {"wrong_color"}
+    assert all(c.reflection.startswith("Change ") for c in rung)

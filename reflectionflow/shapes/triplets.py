@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from reflectionflow.data.transforms import t5_text
 from reflectionflow.shapes.world import (
     CATEGORIES,
     Triplet,
+    applicable_flaws,
     check_image,
     heldout_eval_set,
     instruction_triplets,
@@ -112,13 +113,21 @@ def model_sample_triplets(
     return triplets, counts
 
 
-def heldout_flawed_cases(n_per_category: int, image_size: int, seed: int) -> list:
-    """One flawed render with its reflection (a `Triplet`) per held-out evaluation prompt."""
+def heldout_flawed_cases(
+    n_per_category: int, image_size: int, seed: int, tags: Sequence[str] | None = None,
+    flaws: Sequence[str] | None = None,
+) -> list:
+    """One flawed render with its reflection (a `Triplet`) per held-out evaluation prompt; `tags` and
+    `flaws` narrow them to a rung of the diagnostics ladder (prompts of those categories, mistakes of those
+    kinds; a prompt no listed flaw applies to is left out)."""
     rng = np.random.default_rng([seed, 3])
     cases = []
     for spec in heldout_eval_set(n_per_category, seed):
+        kinds = [f for f in applicable_flaws(spec) if flaws is None or f in flaws]
+        if (tags is not None and spec.tag not in tags) or not kinds:
+            continue
         for _ in range(100):
-            flawed, flaw = make_flawed(spec, sample_scene(spec, rng), rng)
+            flawed, flaw = make_flawed(spec, sample_scene(spec, rng), rng, str(rng.choice(kinds)))
             case = make_triplet(spec, render_scene(flawed, image_size), rng, editing=True, size=image_size,
                                 meta={"flaw": flaw, "spec": spec})
             if case is not None:
