@@ -56,22 +56,6 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-def fresh_accuracy(flux, cases: list, size: int, steps: int, true_cfg_scale: float, max_sequence_length: int) -> float:
-    """The base model's single-sample accuracy on the prompts of `cases` (the baseline of their fix rate)."""
-    from reflectionflow.models.pipeline import ReflectionFluxPipeline
-    from reflectionflow.shapes.evaluation import judge
-
-    pipe = ReflectionFluxPipeline(flux, max_sequence_length=max_sequence_length)
-
-    def samples(start: int, chunk) -> list:
-        noises = torch.stack([pipe.initial_noise(start + i, size, size) for i in range(len(chunk))])
-        return pipe.generate([s.prompt for s in chunk], noises=noises, height=size, width=size,
-                             num_inference_steps=steps, true_cfg_scale=true_cfg_scale)
-
-    judged = judge([c.meta["spec"] for c in cases], samples, 32)
-    return sum(j.correct for j in judged) / len(judged)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="base model dir (default: the shapes_base product)")
@@ -92,9 +76,11 @@ def main() -> None:
     from reflectionflow.models.pipeline import ReflectionFluxPipeline
     from reflectionflow.models.settings import CorrectorSettings
     from reflectionflow.recipes import built_product
+    from reflectionflow.shapes.base import sample_accuracy
     from reflectionflow.shapes.corrector import ABLATIONS, corrector_fix_rates
     from reflectionflow.shapes.evaluation import EDIT_TYPES
     from reflectionflow.shapes.triplets import heldout_flawed_cases
+    from reflectionflow.shapes.world import CATEGORIES
 
     cfg = compose("train", ["experiment=shapes_corrector", *args.override]).model
     base = args.base or str(built_product("shapes_base"))
@@ -106,7 +92,7 @@ def main() -> None:
     flux = load_flux_pipeline(base, lora_path=lora)
     transformer = flux.transformer.eval()
     rung = dict(tags=args.tags, flaws=args.flaws)
-    per_category = -(-args.cases // len(args.tags or range(6)))
+    per_category = -(-args.cases // len(args.tags or CATEGORIES))
     cases = heldout_flawed_cases(per_category, size, seed=1, **rung)[: args.cases]
     batch = samples_batch([{"image": c.good, "condition": c.bad, "prompt": c.prompt, "reflection": c.reflection,
                             "t5_text": ""} for c in cases])
@@ -143,12 +129,13 @@ def main() -> None:
     fix_cases = heldout_flawed_cases(args.fix_cases, size, seed=0, **rung)
     fixes, _ = corrector_fix_rates(pipe, fix_cases, image_size=size, num_inference_steps=cfg.eval_steps,
                                    true_cfg_scale=cfg.eval_true_cfg_scale, seed=0)
-    fresh = fresh_accuracy(flux, fix_cases, size, cfg.eval_steps, cfg.eval_true_cfg_scale,
-                           compose("train", ["experiment=shapes_corrector"]).data.sample_max_sequence_length)
+    fresh, _ = sample_accuracy(flux, args.fix_cases, size, cfg.eval_steps, cfg.eval_true_cfg_scale,
+                               compose("train", ["experiment=shapes_corrector"]).data.sample_max_sequence_length,
+                               specs=[c.meta["spec"] for c in fix_cases])
     groups = [g for g in (*EDIT_TYPES, "1 edit", "2+ edits") if g in fixes["full"]["per_edit_type"]
               or g in fixes["full"]["per_edit_count"]]
     table(f"fix rate on {len(fix_cases)} held-out flawed renders (base model's fresh samples: "
-          f"{fresh:.1%} on the same prompts)", ["corrector input", "all", *groups],
+          f"{fresh['accuracy']:.1%} on the same prompts)", ["corrector input", "all", *groups],
           [[name, f"{fixes[name]['fix_rate']:.1%}",
             *(f"{(fixes[name]['per_edit_type'] | fixes[name]['per_edit_count']).get(g, float('nan')):.1%}"
               for g in groups)] for name in ABLATIONS])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from reflectionflow.models.pipeline import ReflectionFluxPipeline, encode_images
 from reflectionflow.models.tiny import flux_dev_scheduler
 from reflectionflow.shapes.evaluation import Judged, accuracy_by_category, judge, verdict_sheet
 from reflectionflow.shapes.text import load_text_encoders
-from reflectionflow.shapes.world import heldout_eval_set
+from reflectionflow.shapes.world import PromptSpec, heldout_eval_set
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,10 @@ def sample_accuracy(
     max_sequence_length: int,
     seed: int = 0,
     batch: int = 32,
+    specs: Sequence[PromptSpec] | None = None,
 ) -> tuple[dict[str, Any], list[Judged]]:
-    """Single-sample checker accuracy on the held-out prompts through `ReflectionFluxPipeline`, and the
-    samples with their verdicts."""
+    """Single-sample checker accuracy on the held-out prompts (`n_per_category` per category, or `specs`)
+    through `ReflectionFluxPipeline`, and the samples with their verdicts."""
     pipe = ReflectionFluxPipeline(flux, max_sequence_length=max_sequence_length)
     size = image_size
 
@@ -78,7 +79,8 @@ def sample_accuracy(
         return pipe.generate([s.prompt for s in chunk], noises=noises, height=size, width=size,
                              num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale)
 
-    judged = judge(heldout_eval_set(n_per_category, seed), samples, batch)
+    specs = heldout_eval_set(n_per_category, seed) if specs is None else specs
+    judged = judge(specs, samples, batch)
     accuracy, per_tag = accuracy_by_category(judged)
     return {"accuracy": accuracy, "per_tag": per_tag}, judged
 

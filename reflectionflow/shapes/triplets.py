@@ -123,7 +123,7 @@ def heldout_flawed_cases(
     rng = np.random.default_rng([seed, 3])
     cases = []
     for spec in heldout_eval_set(n_per_category, seed):
-        kinds = [f for f in applicable_flaws(spec) if flaws is None or f in flaws]
+        kinds = applicable_flaws(spec, flaws)
         if (tags is not None and spec.tag not in tags) or not kinds:
             continue
         for _ in range(100):

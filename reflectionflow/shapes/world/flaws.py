@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -36,9 +37,11 @@ EXPECTED_PROBLEMS = {
 """Checker problem kinds each flaw may produce."""
 
 
-def applicable_flaws(spec: PromptSpec) -> tuple[str, ...]:
+def applicable_flaws(spec: PromptSpec, among: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The flaw kinds that can be made in a scene of `spec` (only those in `among`, if given)."""
     colors = [req.color for req in spec.include if req.color is not None]
-    return tuple(f for f in FLAWS[spec.tag] if f != "swapped_colors" or len(set(colors)) == 2)
+    return tuple(f for f in FLAWS[spec.tag] if (f != "swapped_colors" or len(set(colors)) == 2)
+                 and (among is None or f in among))
 
 
 def make_flawed(

@@ -92,7 +92,7 @@ def rendered_triplets(
         if made == n:
             return
         spec, scene = sample_example(rng, split, tags)
-        allowed = applicable_flaws(spec) if flaws is None else [f for f in applicable_flaws(spec) if f in flaws]
+        allowed = applicable_flaws(spec, flaws)
         if not allowed:
             continue
         flawed, flaw = make_flawed(spec, scene, rng, None if flaws is None else str(rng.choice(allowed)))
