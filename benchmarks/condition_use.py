@@ -135,10 +135,12 @@ def main() -> None:
     groups = [g for g in (*EDIT_TYPES, "1 edit", "2+ edits") if g in fixes["full"]["per_edit_type"]
               or g in fixes["full"]["per_edit_count"]]
     table(f"fix rate on {len(fix_cases)} held-out flawed renders (base model's fresh samples: "
-          f"{fresh['accuracy']:.1%} on the same prompts)", ["corrector input", "all", *groups],
+          f"{fresh['accuracy']:.1%} on the same prompts)",
+          ["corrector input", "all", *groups, "edited cells right", "kept cells right"],
           [[name, f"{fixes[name]['fix_rate']:.1%}",
             *(f"{(fixes[name]['per_edit_type'] | fixes[name]['per_edit_count']).get(g, float('nan')):.1%}"
-              for g in groups)] for name in ABLATIONS])
+              for g in groups), f"{fixes[name]['edited_cells']:.1%}", f"{fixes[name]['kept_cells']:.1%}"]
+           for name in ABLATIONS])
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def test_metrics_hold_the_four_ablations_and_the_base_model(corrector_run):
         assert len(per_tag) == 6 and metrics[name]["fix_rate"] == pytest.approx(sum(per_tag.values()) / 6)
         assert set(metrics[name]["per_edit_count"]) <= {"1 edit", "2+ edits"}
         assert set(metrics[name]["per_edit_type"]) <= set(EDIT_TYPES) and metrics[name]["per_edit_type"]
+        assert 0.0 <= metrics[name]["edited_cells"] <= 1.0 and 0.0 <= metrics[name]["kept_cells"] <= 1.0
     assert metrics["already_correct"] == 0.0  # flawed renders fail the checker by construction
     assert (product / "corrections.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     base = metrics["base_model"]

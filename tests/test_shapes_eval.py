@@ -113,3 +113,18 @@ def test_shapes_experiment_writes_results_table_and_plot(tmp_path, shapes_flux, 
     rows = list(csv.DictReader((tmp_path / "sweep" / "scaling.csv").open()))
     assert len(rows) == 6
     assert (tmp_path / "sweep" / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cell_fidelity_splits_a_correction_into_edited_and_kept_cells():
+    """On renders (read exactly): a perfect correction gets every cell right, returning the flawed image
+    gets the kept cells right and no edited one, and a blank image gets nothing right."""
+    from reflectionflow.shapes.evaluation import cell_fidelity
+    from reflectionflow.shapes.triplets import heldout_flawed_cases
+
+    cases = heldout_flawed_cases(2, 48, seed=0, tags=["color_attr"], flaws=["wrong_color"])
+    assert cases
+    for case in cases:
+        edited, kept = cell_fidelity(case.bad, case.good, case.good)
+        assert len(edited) == 1 and len(kept) == 1 and all(edited + kept)  # one of two objects recoloured
+        assert cell_fidelity(case.bad, case.good, case.bad) == ([False], [True])
+        assert cell_fidelity(case.bad, case.good, Image.new("RGB", case.bad.size)) == ([False], [False])

@@ -21,7 +21,7 @@ from reflectionflow.models.lora import save_lora
 from reflectionflow.models.module import ReflectionTuningModule
 from reflectionflow.models.pipeline import ReflectionFluxPipeline
 from reflectionflow.shapes.base import sample_accuracy
-from reflectionflow.shapes.evaluation import edit_groups, judge, rates
+from reflectionflow.shapes.evaluation import cell_fidelity, edit_groups, judge, rates
 from reflectionflow.shapes.triplets import heldout_flawed_cases
 from reflectionflow.shapes.world import check_image
 from reflectionflow.sheets import contact_sheet
@@ -39,8 +39,9 @@ def corrector_fix_rates(
     pipe, cases: list, *, image_size: int, num_inference_steps: int, true_cfg_scale: float, seed: int
 ) -> tuple[dict[str, dict[str, Any]], Image.Image]:
     """Checker pass rate of the corrections of `cases` under each input of `ABLATIONS` (same noises):
-    overall, per category, per edit type the reflection asks for and per number of edits; and a sheet of
-    the full-input corrections."""
+    overall, per category, per edit type the reflection asks for and per number of edits, with the share of
+    edited and of kept cells the correction gets right (`cell_fidelity`); and a sheet of the full-input
+    corrections."""
     size = image_size
     prompts = [c.prompt for c in cases]
     flawed = [c.bad for c in cases]
@@ -62,8 +63,13 @@ def corrector_fix_rates(
         verdicts = [j.correct for j in judged]
         if name == "full":
             sheet = corrections_sheet(cases, judged)
+        cells = [cell_fidelity(c.bad, c.good, j.image) for c, j in zip(cases, judged, strict=True)]
+        edited = [hit for case_edited, _ in cells for hit in case_edited]
+        kept = [hit for _, case_kept in cells for hit in case_kept]
         results[name] = {
             "fix_rate": float(np.mean(verdicts)),
+            "edited_cells": float(np.mean(edited)) if edited else float("nan"),
+            "kept_cells": float(np.mean(kept)) if kept else float("nan"),
             "per_tag": rates(verdicts, [[spec.tag] for spec in specs]),
             "per_edit_type": rates(verdicts, kinds),
             "per_edit_count": rates(verdicts, [[count] for count in counts]),

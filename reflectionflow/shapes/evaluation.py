@@ -1,5 +1,6 @@
 """Checker verdicts grouped by category or edit type: the one loop the VAE, base-model and corrector recipes
-share, the per-edit-type breakdown of a corrector's fixes, and sheets of images with their verdicts."""
+share, the per-edit-type breakdown of a corrector's fixes, the per-cell split of a correction into what it was
+asked to change and what it should have kept, and sheets of images with their verdicts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from reflectionflow.shapes.world import CheckResult, PromptSpec, check_image, parse_reflection
+from reflectionflow.shapes.world import CheckResult, PromptSpec, check_image, detect_scene, parse_reflection
 from reflectionflow.shapes.world.edits import Add, Change, Edit, Move, Remove
 from reflectionflow.sheets import contact_sheet
 
@@ -79,3 +80,24 @@ def edit_groups(reflection: str) -> tuple[list[str], str]:
     """(the edit types a reflection asks for, its number of edits as "1 edit" / "2+ edits")."""
     edits = parse_reflection(reflection)
     return sorted({edit_type(e) for e in edits}, key=EDIT_TYPES.index), "1 edit" if len(edits) == 1 else "2+ edits"
+
+
+def cell_contents(image: Image.Image) -> dict[tuple[int, int], frozenset[tuple[str | None, str | None]]]:
+    """The detected objects of `image` per grid cell, as (shape, colour) sets."""
+    cells: dict[tuple[int, int], set] = {}
+    for obj in detect_scene(image).objects:
+        cells.setdefault(obj.cell, set()).add((obj.shape, obj.color))
+    return {cell: frozenset(objects) for cell, objects in cells.items()}
+
+
+def cell_fidelity(flawed: Image.Image, target: Image.Image, output: Image.Image) -> tuple[list[bool], list[bool]]:
+    """Whether `output` holds what `target` holds (the same shapes and colours, or nothing) in each cell
+    where the flawed or the target image has an object, split into the cells the reflection's edits
+    change (flawed != target) and the cells it keeps: a correction can fail by not editing or by not
+    copying, and the checker's one verdict does not say which."""
+    before, after, made = cell_contents(flawed), cell_contents(target), cell_contents(output)
+    edited, kept = [], []
+    for cell in sorted(before.keys() | after.keys()):
+        wanted = after.get(cell, frozenset())
+        (kept if before.get(cell, frozenset()) == wanted else edited).append(made.get(cell, frozenset()) == wanted)
+    return edited, kept
