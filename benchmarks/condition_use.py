@@ -1,7 +1,7 @@
 """Does the shapes corrector read its flawed image and its reflection, and which edits does it fix?
 
     python benchmarks/condition_use.py [--base DIR --lora DIR] [--cases N] [--fix-cases N]
-        [--tags colors --flaws wrong_color]
+        [--tags colors --flaws wrong_color] [--sheet corrections.png]
 
 On held-out editing triplets (the good image is the flawed one with the reflection's edits), three tables
 from `reflectionflow.models.diagnostics.condition_use` and the corrector's attention, then the fix rates:
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--tags", nargs="+", help="only these prompt categories (a rung of the ladder)")
     parser.add_argument("--flaws", nargs="+", help="only these mistakes, e.g. wrong_color (see world.flaws)")
     parser.add_argument("--override", nargs="*", default=[], help="train config overrides of the corrector")
+    parser.add_argument("--sheet", help="write flawed | corrected | target of the full-input corrections here (png)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -127,7 +128,7 @@ def main() -> None:
 
     pipe = ReflectionFluxPipeline.with_settings(flux, settings, micro_batch=48)
     fix_cases = heldout_flawed_cases(args.fix_cases, size, seed=0, **rung)
-    fixes, _ = corrector_fix_rates(pipe, fix_cases, image_size=size, num_inference_steps=cfg.eval_steps,
+    fixes, sheet = corrector_fix_rates(pipe, fix_cases, image_size=size, num_inference_steps=cfg.eval_steps,
                                    true_cfg_scale=cfg.eval_true_cfg_scale, seed=0)
     fresh, _ = sample_accuracy(flux, args.fix_cases, size, cfg.eval_steps, cfg.eval_true_cfg_scale,
                                compose("train", ["experiment=shapes_corrector"]).data.sample_max_sequence_length,
@@ -141,6 +142,9 @@ def main() -> None:
             *(f"{(fixes[name]['per_edit_type'] | fixes[name]['per_edit_count']).get(g, float('nan')):.1%}"
               for g in groups), f"{fixes[name]['edited_cells']:.1%}", f"{fixes[name]['kept_cells']:.1%}"]
            for name in ABLATIONS])
+    if args.sheet:
+        sheet.save(args.sheet)
+        print(f"corrections sheet: {args.sheet}")
 
 
 if __name__ == "__main__":
