@@ -120,11 +120,14 @@ def test_cell_fidelity_splits_a_correction_into_edited_and_kept_cells():
     gets the kept cells right and no edited one, and a blank image gets nothing right."""
     from reflectionflow.shapes.evaluation import cell_fidelity
     from reflectionflow.shapes.triplets import heldout_flawed_cases
+    from reflectionflow.shapes.world import detect_scene
 
     cases = heldout_flawed_cases(2, 48, seed=0, tags=["color_attr"], flaws=["wrong_color"])
     assert cases
     for case in cases:
-        edited, kept = cell_fidelity(case.bad, case.good, case.good)
+        flawed, target = detect_scene(case.bad), detect_scene(case.good)
+        edited, kept = cell_fidelity(flawed, target, target)
         assert len(edited) == 1 and len(kept) == 1 and all(edited + kept)  # one of two objects recoloured
-        assert cell_fidelity(case.bad, case.good, case.bad) == ([False], [True])
-        assert cell_fidelity(case.bad, case.good, Image.new("RGB", case.bad.size)) == ([False], [False])
+        assert cell_fidelity(flawed, target, flawed) == ([False], [True])
+        blank = detect_scene(Image.new("RGB", case.bad.size))
+        assert cell_fidelity(flawed, target, blank) == ([False], [False])

@@ -23,7 +23,7 @@ from reflectionflow.models.pipeline import ReflectionFluxPipeline
 from reflectionflow.shapes.base import sample_accuracy
 from reflectionflow.shapes.evaluation import cell_fidelity, edit_groups, judge, rates
 from reflectionflow.shapes.triplets import heldout_flawed_cases
-from reflectionflow.shapes.world import check_image
+from reflectionflow.shapes.world import check_image, detect_scene
 from reflectionflow.sheets import contact_sheet
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def corrector_fix_rates(
     noises = torch.stack([pipe.initial_noise(seed + i, size, size) for i in range(len(cases))])
     specs = [case.meta["spec"] for case in cases]
     kinds, counts = zip(*(edit_groups(case.reflection) for case in cases), strict=True)
+    flawed_and_target = [(detect_scene(case.bad), detect_scene(case.good)) for case in cases]
     results = {}
     for name in ABLATIONS:
         images = pipe.generate(noises=noises, height=size, width=size, num_inference_steps=num_inference_steps,
@@ -63,7 +64,7 @@ def corrector_fix_rates(
         verdicts = [j.correct for j in judged]
         if name == "full":
             sheet = corrections_sheet(cases, judged)
-        cells = [cell_fidelity(c.bad, c.good, j.image) for c, j in zip(cases, judged, strict=True)]
+        cells = [cell_fidelity(*scenes, j.result.scene) for scenes, j in zip(flawed_and_target, judged, strict=True)]
         edited = [hit for case_edited, _ in cells for hit in case_edited]
         kept = [hit for _, case_kept in cells for hit in case_kept]
         results[name] = {

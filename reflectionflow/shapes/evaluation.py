@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from reflectionflow.shapes.world import CheckResult, PromptSpec, check_image, detect_scene, parse_reflection
+from reflectionflow.shapes.world import CheckResult, PromptSpec, Scene, check_image, parse_reflection
 from reflectionflow.shapes.world.edits import Add, Change, Edit, Move, Remove
 from reflectionflow.sheets import contact_sheet
 
@@ -82,19 +82,20 @@ def edit_groups(reflection: str) -> tuple[list[str], str]:
     return sorted({edit_type(e) for e in edits}, key=EDIT_TYPES.index), "1 edit" if len(edits) == 1 else "2+ edits"
 
 
-def cell_contents(image: Image.Image) -> dict[tuple[int, int], frozenset[tuple[str | None, str | None]]]:
-    """The detected objects of `image` per grid cell, as (shape, colour) sets."""
+def cell_contents(scene: Scene) -> dict[tuple[int, int], frozenset[tuple[str | None, str | None]]]:
+    """The objects of `scene` per grid cell, as (shape, colour) sets."""
     cells: dict[tuple[int, int], set] = {}
-    for obj in detect_scene(image).objects:
+    for obj in scene.objects:
         cells.setdefault(obj.cell, set()).add((obj.shape, obj.color))
     return {cell: frozenset(objects) for cell, objects in cells.items()}
 
 
-def cell_fidelity(flawed: Image.Image, target: Image.Image, output: Image.Image) -> tuple[list[bool], list[bool]]:
+def cell_fidelity(flawed: Scene, target: Scene, output: Scene) -> tuple[list[bool], list[bool]]:
     """Whether `output` holds what `target` holds (the same shapes and colours, or nothing) in each cell
-    where the flawed or the target image has an object, split into the cells the reflection's edits
+    where the flawed or the target scene has an object, split into the cells the reflection's edits
     change (flawed != target) and the cells it keeps: a correction can fail by not editing or by not
-    copying, and the checker's one verdict does not say which."""
+    copying, and the checker's one verdict does not say which. Scenes as detected (`detect_scene`, or a
+    `CheckResult.scene`, which the checker has already detected)."""
     before, after, made = cell_contents(flawed), cell_contents(target), cell_contents(output)
     edited, kept = [], []
     for cell in sorted(before.keys() | after.keys()):
