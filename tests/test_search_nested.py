@@ -22,7 +22,8 @@ CHECKER = ThresholdChecker(DeterministicVerifier(), threshold=0.5)
 PRESETS = {
     "noise": dict(budget_width=None, axes=Axes()),
     "noise_prompt": dict(budget_width=2, axes=Axes(prompt=True)),
-    "reflectionflow": dict(budget_width=2, axes=Axes(prompt=True, reflection=True)),
+    "reflectionflow": dict(budget_width=8, axes=Axes(prompt=True, reflection=True)),
+    "reflectionflow_deep": dict(budget_width=2, axes=Axes(prompt=True, reflection=True)),  # 2 x 3 at 8
 }
 
 

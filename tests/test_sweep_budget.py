@@ -20,10 +20,10 @@ from reflectionflow.search.verifiers import DeterministicVerifier
 PRESET_SPLITS_AT_8 = {
     "noise": (8, 0),
     "noise_prompt": (2, 3),
-    "reflectionflow": (2, 3),
-    "reflectionflow_no_reflection": (2, 3),
-    "reflectionflow_no_condition": (2, 3),
-    "reflectionflow_condition_only": (2, 3),
+    "reflectionflow": (4, 1),
+    "reflectionflow_no_reflection": (4, 1),
+    "reflectionflow_no_condition": (4, 1),
+    "reflectionflow_condition_only": (4, 1),
     "zero_order": (2, 3),
 }
 
