@@ -20,6 +20,7 @@ from reflectionflow.search.aggregation import (
     aggregate,
     best_per_budget,
     cell,
+    legend_label,
     load_rows,
     plot_scaling,
     readable_ticks,
@@ -221,3 +222,10 @@ def test_callback_skips_a_sweep_without_results(tmp_path, caplog):
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
     AggregateCallback().on_multirun_end(config)
     assert "nothing to aggregate: no result files" in caplog.text and not list(tmp_path.iterdir())
+
+
+def test_legend_labels_shorten_long_paths_only():
+    long = "reflectionflow weights.lora_path=/root/.cache/reflectionflow/recipes/shapes_corrector-d4e03e952147/lora"
+    assert legend_label(long) == "reflectionflow weights.lora_path=.../shapes_corrector-d4e03e952147/lora"
+    assert legend_label("noise weights.lora_path=-") == "noise weights.lora_path=-"
+    assert legend_label("noise generator.true_cfg_scale=2.0") == "noise generator.true_cfg_scale=2.0"

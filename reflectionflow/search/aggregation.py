@@ -237,6 +237,19 @@ def _prompt_count(rows: Sequence[JobRow]) -> str:
     return f"{counts[0]} prompts" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} prompts per job"
 
 
+def legend_label(series: str, longest: int = 40) -> str:
+    """A series name for the legend: an override's path value longer than `longest` keeps its last two
+    parts (`weights.lora_path=.../shapes_corrector-d4e0/lora`), so a path does not squeeze the panels;
+    the tables keep the full name."""
+    def short(word: str) -> str:
+        key, _, value = word.partition("=")
+        if len(value) <= longest or "/" not in value:
+            return word
+        return f"{key}=.../" + "/".join(value.rstrip("/").split("/")[-2:])
+
+    return " ".join(short(word) for word in series.split(" "))
+
+
 def plot_scaling(rows: Sequence[JobRow]) -> Figure:
     """Score (and accuracy, when any job has it) vs images and vs NFE per prompt: a dot per job, a line
     per preset through its best job at each budget with +-1 standard-error bars over the prompts, ticks at
@@ -256,14 +269,14 @@ def plot_scaling(rows: Sequence[JobRow]) -> Figure:
                 dots = [(_x(r, x_key), getattr(r, metric)) for r in members]
                 ax.scatter(*zip(*dots, strict=True), color=color, alpha=0.35, s=18)
                 xs, ys, _ = zip(*line, strict=True)
-                ax.plot(xs, ys, color=color, marker="o", label=series)
+                ax.plot(xs, ys, color=color, marker="o", label=legend_label(series))
                 bars = [(x, y, e) for x, y, e in line if e is not None]  # one prompt: no bar
                 ax.vlines([x for x, _, _ in bars], [y - e for _, y, e in bars], [y + e for _, y, e in bars],
                           color=color, linewidth=1.5, alpha=0.8)
             ticks = readable_ticks([_x(r, x_key) for r in rows])
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_locator(FixedLocator(ticks))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))  # NFE means: 31.7
             ax.minorticks_off()
             ax.set_xlabel(x_label)
             ax.set_ylabel("verifier score" if metric == "mean_score" else "accuracy")
