@@ -276,7 +276,7 @@ def plot_scaling(rows: Sequence[JobRow]) -> Figure:
             ticks = readable_ticks([_x(r, x_key) for r in rows])
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_locator(FixedLocator(ticks))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))  # NFE means: 31.7
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{round(value, 1):g}"))  # 31.7, 1792
             ax.minorticks_off()
             ax.set_xlabel(x_label)
             ax.set_ylabel("verifier score" if metric == "mean_score" else "accuracy")
