@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from reflectionflow.models.corrector import corrector_forward, latent_ids
 from reflectionflow.models.loading import ModelNotFoundError, load_flux_pipeline
 from reflectionflow.models.lora import ADAPTER_NAME, add_lora, lora_state_dict, save_lora
-from reflectionflow.models.pipeline import ReflectionFluxPipeline
+from reflectionflow.models.pipeline import ReflectionFluxPipeline, combine_guidance, guidance_branches
 from reflectionflow.models.settings import CorrectorSettings
 from reflectionflow.models.tiny import build_tiny_flux
 
@@ -124,6 +124,30 @@ def test_correction_uses_image_and_reflection(flux, attention):
     b = pipe(PROMPT, image=base.rotate(90), reflection="make it blue", generator=torch.Generator().manual_seed(1), **kwargs)
     c = pipe(PROMPT, image=base, reflection="add a cat", generator=torch.Generator().manual_seed(1), **kwargs)
     assert np.abs(a - b).max() > 1e-4 and np.abs(a - c).max() > 1e-4
+
+
+def test_reflection_guidance_splits_the_correctors_guidance(flux):
+    """Equal scales are plain CFG on prompt + reflection; another reflection scale moves the correction."""
+    _random_lora(flux.transformer, 4, 4)
+    pipe = ReflectionFluxPipeline(flux, condition_size=32)
+    flawed = pipe(PROMPT, height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0))[0]
+    kwargs = dict(image=flawed, reflection="make it blue", height=64, width=64, num_inference_steps=2,
+                  true_cfg_scale=2.0, output_type="np")
+    plain = pipe(PROMPT, generator=torch.Generator().manual_seed(1), **kwargs)
+    equal = pipe(PROMPT, generator=torch.Generator().manual_seed(1), reflection_guidance_scale=2.0, **kwargs)
+    split = pipe(PROMPT, generator=torch.Generator().manual_seed(1), reflection_guidance_scale=5.0, **kwargs)
+    np.testing.assert_allclose(equal, plain, atol=1e-5)
+    assert np.abs(split - plain).max() > 1e-3
+    assert pipe.nfe_per_image(10, 2.0) == 20 and pipe.nfe_per_image(10, 2.0, 5.0) == 30
+    assert pipe.nfe_per_image(10, 1.0, 5.0) == 20
+
+
+def test_combine_guidance_is_instructpix2pix_text_guidance():
+    v = {"full": torch.tensor(3.0), "prompt": torch.tensor(2.0), "empty": torch.tensor(1.0)}
+    assert combine_guidance(v, 2.0, 4.0).item() == 1.0 + 2.0 * (2.0 - 1.0) + 4.0 * (3.0 - 2.0)
+    assert combine_guidance({"full": v["full"], "prompt": v["prompt"]}, 1.0, 4.0).item() == 2.0 + 4.0
+    assert combine_guidance({"full": v["full"], "empty": v["empty"]}, 2.0).item() == 1.0 + 2.0 * 2.0
+    assert guidance_branches(1.0) == ("full",) and guidance_branches(2.0, 3.0) == ("full", "prompt", "empty")
 
 
 def test_condition_position_reaches_the_corrector_and_is_validated(flux):

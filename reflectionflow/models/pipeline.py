@@ -57,6 +57,28 @@ def decode_tokens(vae, tokens: torch.Tensor, height: int, width: int, vae_scale_
     return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 
 
+def guidance_branches(true_cfg_scale: float, reflection_guidance_scale: float | None = None) -> tuple[str, ...]:
+    """The text branches one denoising step runs: "full" (prompt [+ reflection]), "prompt", "empty"."""
+    if reflection_guidance_scale is None:
+        return ("full", "empty") if true_cfg_scale > 1 else ("full",)
+    return ("full", "prompt", "empty") if true_cfg_scale > 1 else ("full", "prompt")
+
+
+def combine_guidance(
+    velocity: dict[str, torch.Tensor], true_cfg_scale: float, reflection_guidance_scale: float | None = None
+) -> torch.Tensor:
+    """One velocity from the branches of `guidance_branches`: classifier-free guidance on the whole text,
+    or split into prompt guidance and reflection guidance (InstructPix2Pix's two scales)."""
+    full = velocity["full"]
+    if reflection_guidance_scale is None:
+        if "empty" not in velocity:
+            return full
+        return velocity["empty"] + true_cfg_scale * (full - velocity["empty"])
+    prompt = velocity["prompt"]
+    base = velocity["empty"] + true_cfg_scale * (prompt - velocity["empty"]) if "empty" in velocity else prompt
+    return base + reflection_guidance_scale * (full - prompt)
+
+
 def quiet_prompt_truncation() -> None:
     """FLUX's pipeline warns on every call whose prompt exceeds CLIP's 77 tokens; T5 carries long prompts
     (and reflections) in full, so the repeated warning is noise in training and search logs."""
@@ -187,9 +209,11 @@ class ReflectionFluxPipeline:
         scale = self.flux.vae_scale_factor
         return latent_size(height, scale), latent_size(width, scale)
 
-    def nfe_per_image(self, num_inference_steps: int, true_cfg_scale: float = 1.0) -> int:
-        """Transformer forward passes one image costs."""
-        return num_inference_steps * (2 if true_cfg_scale > 1 else 1)
+    def nfe_per_image(
+        self, num_inference_steps: int, true_cfg_scale: float = 1.0, reflection_guidance_scale: float | None = None
+    ) -> int:
+        """Transformer forward passes one image costs (a correction's, when `reflection_guidance_scale` is set)."""
+        return num_inference_steps * len(guidance_branches(true_cfg_scale, reflection_guidance_scale))
 
     @torch.no_grad()
     def encode_text(
@@ -251,12 +275,16 @@ class ReflectionFluxPipeline:
         num_inference_steps: int = 28,
         guidance_scale: float = 3.5,
         true_cfg_scale: float = 1.0,
+        reflection_guidance_scale: float | None = None,
         output_type: str = "pil",
     ) -> list[Image.Image] | np.ndarray:
         """Batched generation for the search: one image per prompt from the given initial noises.
 
         `conditions` switches to the corrector: T5 sees `"{prompt} [Reflexion] {reflection}"`, the pooled
         CLIP embedding comes from `original_prompts` (default: `prompts`). Runs in micro-batches.
+        `reflection_guidance_scale` (corrections only; None = off) splits the corrector's guidance in two,
+        as InstructPix2Pix splits image and text: `v("") + true_cfg_scale * (v(prompt) - v(""))
+        + reflection_guidance_scale * (v(prompt + reflection) - v(prompt))`, all with the condition image.
         """
         batch = len(prompts)
         if noises.shape[0] != batch:
@@ -273,6 +301,7 @@ class ReflectionFluxPipeline:
                 conditions[part] if conditions is not None else None,
                 noises[part].to(self.device, self.dtype), height, width,
                 num_inference_steps, guidance_scale, true_cfg_scale,
+                reflection_guidance_scale if conditions is not None else None,
             )
             pixels = decode_tokens(self.flux.vae, tokens, height, width, self.flux.vae_scale_factor)
             images.append(self.flux.image_processor.postprocess(pixels, output_type=output_type))
@@ -280,26 +309,32 @@ class ReflectionFluxPipeline:
             return [image for part in images for image in part]
         return np.concatenate(images) if output_type == "np" else torch.cat(images)
 
-    def _denoise(self, prompts, original_prompts, reflections, conditions, noise, height, width, steps, guidance_scale, true_cfg_scale):
+    def _denoise(self, prompts, original_prompts, reflections, conditions, noise, height, width, steps, guidance_scale,
+                 true_cfg_scale, reflection_guidance_scale=None):
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         batch = noise.shape[0]
         corrector = conditions is not None
-        if corrector:  # T5 reads the (possibly refined) prompt + reflection; CLIP keeps the original prompt
-            clip_texts = list(original_prompts)
-            t5_texts = [t5_text(p, r) for p, r in zip(prompts, reflections, strict=True)]
-        else:
-            clip_texts = t5_texts = list(prompts)
+        branches = guidance_branches(true_cfg_scale, reflection_guidance_scale)
         length = self.corrector_max_sequence_length if corrector else self.max_sequence_length
-        t5, pooled = self.encode_text(clip_texts, t5_texts, length)
-        cfg = true_cfg_scale > 1
-        if cfg:
-            # Unconditional branch. Corrector: empty T5 text, same pooled prompt and condition (its training
-            # text drop). Base model: empty text for both encoders (FluxPipeline's negative_prompt="").
-            neg_t5, neg_pooled = self.encode_text([""] * batch if not corrector else clip_texts, [""] * batch, length)
-            t5, pooled = torch.cat([t5, neg_t5]), torch.cat([pooled, pooled if corrector else neg_pooled])
-        rows = 2 * batch if cfg else batch
+        if corrector:
+            # T5 reads the (possibly refined) prompt + reflection, the prompt alone or "" (the training drops);
+            # CLIP always keeps the original prompt, and every branch sees the condition image.
+            clip_texts = list(original_prompts)
+            t5_of = {
+                "full": [t5_text(p, r) for p, r in zip(prompts, reflections, strict=True)],
+                "prompt": list(prompts),
+                "empty": [""] * batch,
+            }
+            encoded = [self.encode_text(clip_texts, t5_of[b], length) for b in branches]
+        else:  # the base model's unconditional branch: empty text for both encoders (negative_prompt="")
+            clip_texts = list(prompts)
+            texts = {"full": clip_texts, "empty": [""] * batch}
+            encoded = [self.encode_text(texts[b], texts[b], length) for b in branches]
+        t5 = torch.cat([e[0] for e in encoded])
+        pooled = torch.cat([e[1] for e in encoded])
+        rows = len(branches) * batch
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.flux.scheduler.config)
         mu = calculate_shift(
@@ -326,7 +361,7 @@ class ReflectionFluxPipeline:
         )
         lora_off = []
         if corrector:
-            forward.update(self._condition_inputs(conditions, clip_texts, pooled, cfg))
+            forward.update(self._condition_inputs(conditions, clip_texts, pooled, len(branches)))
         else:  # the base model: every adapter path skipped
             lora_off = lora_layers(self.transformer)
 
@@ -334,17 +369,18 @@ class ReflectionFluxPipeline:
         self._transformer_to_device()
         with lora_disabled(lora_off):
             for t in scheduler.timesteps:
-                hidden = torch.cat([latents, latents]) if cfg else latents
                 velocity = corrector_forward(
-                    self.transformer, hidden_states=hidden, timestep=(t / 1000).expand(rows).to(self.dtype), **forward
+                    self.transformer, hidden_states=latents.repeat(len(branches), 1, 1),
+                    timestep=(t / 1000).expand(rows).to(self.dtype), **forward,
                 )
-                if cfg:
-                    cond_v, uncond_v = velocity.chunk(2)
-                    velocity = uncond_v + true_cfg_scale * (cond_v - uncond_v)
+                velocity = combine_guidance(
+                    dict(zip(branches, velocity.chunk(len(branches)), strict=True)),
+                    true_cfg_scale, reflection_guidance_scale,
+                )
                 latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
         return latents
 
-    def _condition_inputs(self, conditions, clip_texts, pooled, cfg) -> dict:
+    def _condition_inputs(self, conditions, clip_texts, pooled, copies: int) -> dict:
         """Condition latents (union) or a KV cache over unique (image, prompt) pairs (causal)."""
         keys = [(_image_key(img), text) for img, text in zip(conditions, clip_texts, strict=True)]
         unique = list(dict.fromkeys(keys))
@@ -354,8 +390,7 @@ class ReflectionFluxPipeline:
         ids = condition_ids(self.condition_size, device=self.device, dtype=self.dtype,
                             vae_scale_factor=self.flux.vae_scale_factor, position=self.condition_position)
         index = torch.tensor([unique.index(k) for k in keys], device=self.device)
-        if cfg:
-            index = torch.cat([index, index])
+        index = index.repeat(copies)
         if self.attention == "causal":
             cache = build_condition_cache(
                 self.transformer,
@@ -380,6 +415,7 @@ class ReflectionFluxPipeline:
         width: int = 1024,
         latents: torch.Tensor | None = None,
         true_cfg_scale: float = 1.0,
+        reflection_guidance_scale: float | None = None,
         output_type: str = "pil",
     ) -> list[Image.Image] | np.ndarray:
         """Generate (no `image`) or correct (`image` + `reflection`) one image per prompt."""
@@ -395,7 +431,7 @@ class ReflectionFluxPipeline:
         return self.generate(
             prompts, noises=latents, height=height, width=width, conditions=conditions, reflections=reflections,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
-            output_type=output_type,
+            reflection_guidance_scale=reflection_guidance_scale, output_type=output_type,
         )
 
 

@@ -152,7 +152,8 @@ class FluxGenerator:
     `corrector_max_sequence_length`) and the base model default to those the LoRA carries
     (`models.settings`); None = take the LoRA's, a value that contradicts them fails before loading.
     `text_cache_size` bounds the pipeline's CPU cache of text embeddings (entries, 4 MiB each at 512 T5
-    tokens in bf16).
+    tokens in bf16). `reflection_guidance_scale` (None = off) guides corrections by their reflection apart
+    from their prompt (`ReflectionFluxPipeline.generate`), one more forward pass per step.
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class FluxGenerator:
         num_inference_steps: int = 28,
         guidance_scale: float = 3.5,
         true_cfg_scale: float = 1.0,
+        reflection_guidance_scale: float | None = None,
         attention: str | None = None,
         lora_on_target: bool | None = None,
         condition_size: int | None = None,
@@ -182,6 +184,8 @@ class FluxGenerator:
 
         if micro_batch < 1:
             raise ValueError(f"generator.micro_batch must be >= 1, got {micro_batch}")
+        if reflection_guidance_scale is not None and reflection_guidance_scale < 0:
+            raise ValueError(f"generator.reflection_guidance_scale must be >= 0 or null, got {reflection_guidance_scale}")
         settings = corrector_settings_of(
             lora_path,
             attention=attention,
@@ -212,6 +216,7 @@ class FluxGenerator:
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.true_cfg_scale = true_cfg_scale
+        self.reflection_guidance_scale = reflection_guidance_scale
         self.micro_batch = micro_batch
 
     def _accelerate(self, device: str, cpu_offload: bool, compile: bool) -> None:
@@ -229,7 +234,12 @@ class FluxGenerator:
     def generate(
         self, requests: Sequence[GenerationRequest], on_result: ResultCallback | None = None
     ) -> list[GenerationResult]:
-        nfe = self.pipeline.nfe_per_image(self.num_inference_steps, self.true_cfg_scale)
+        nfe = {
+            False: self.pipeline.nfe_per_image(self.num_inference_steps, self.true_cfg_scale),
+            True: self.pipeline.nfe_per_image(
+                self.num_inference_steps, self.true_cfg_scale, self.reflection_guidance_scale
+            ),
+        }
         results: list[GenerationResult | None] = [None] * len(requests)
         base = [i for i, r in enumerate(requests) if r.condition is None]
         corrected = [i for i, r in enumerate(requests) if r.condition is not None]
@@ -251,9 +261,10 @@ class FluxGenerator:
                     num_inference_steps=self.num_inference_steps,
                     guidance_scale=self.guidance_scale,
                     true_cfg_scale=self.true_cfg_scale,
+                    reflection_guidance_scale=self.reflection_guidance_scale,
                 )
                 for index, image in zip(indices, images, strict=True):
-                    results[index] = GenerationResult(image, nfe)
+                    results[index] = GenerationResult(image, nfe[group is corrected])
                     if on_result is not None:
                         on_result(index, results[index])
         return results
