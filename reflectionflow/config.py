@@ -169,6 +169,18 @@ def _redact_hydra_node(saved: dict[str, Any], redacted: dict[str, Any]) -> dict[
     return redacted
 
 
+def check_top_level_keys(cfg: DictConfig, app: str) -> None:
+    """An unknown top-level key (`+sede=1`, `+serach.width=4`) fails in one line instead of changing
+    nothing. Known: the keys of the app's primary config (`conf/<app>/<app>.yaml`) and its config groups."""
+    primary = OmegaConf.load(Path(__file__).parent / "conf" / app / f"{app}.yaml")
+    groups = {next(iter(entry)).split("@")[0] for entry in primary.defaults if not isinstance(entry, str)}
+    known = (set(primary) | groups) - {"defaults", "hydra"}
+    unknown = sorted(set(cfg) - known - {"hydra"})
+    if unknown:
+        raise ConfigError(f"unknown top-level config key {', '.join(map(repr, unknown))}; the {app} app reads "
+                          f"{', '.join(sorted(k for k in known if ' ' not in k))}")
+
+
 def compose(app: str, overrides: Sequence[str] = (), hydra_node: bool = False) -> DictConfig:
     """The config `python -m reflectionflow.<app> <overrides>` runs with (`app`: "train" or "infer"; with
     `hydra_node`, the `hydra` node too). Works inside a running Hydra app, whose global state is set

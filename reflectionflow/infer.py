@@ -22,7 +22,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
-from reflectionflow.config import ConfigError, check_secret_interpolations, redact_overrides, redact_secrets
+from reflectionflow.config import (
+    ConfigError,
+    check_secret_interpolations,
+    check_top_level_keys,
+    redact_overrides,
+    redact_secrets,
+)
 from reflectionflow.console import quiet_third_party, shown_path
 from reflectionflow.models.loading import ModelNotFoundError, resolve_lora_path, resolve_model_path
 from reflectionflow.recipes import RecipeError, resolve_references
@@ -170,6 +176,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     """Search this job's prompts into `run_dir` and write its result file; returns the result."""
     started = time.perf_counter()
     check_secret_interpolations(cfg, literal=("prompt",))
+    check_top_level_keys(cfg, "infer")
     search: SearchConfig = build(cfg.search, "search")
     corrector_lora(cfg, search.reflects)
     concurrency = cfg.concurrent_prompts

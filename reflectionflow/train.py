@@ -18,7 +18,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reflectionflow.config import ConfigError, check_secret_interpolations, redact_secrets, redacted_argv
+from reflectionflow.config import (
+    ConfigError,
+    check_secret_interpolations,
+    check_top_level_keys,
+    redact_secrets,
+    redacted_argv,
+)
 from reflectionflow.console import quiet_third_party, shown_path
 from reflectionflow.recipes import RecipeError, is_built, mark_built, product_dir, resolve_references
 
@@ -143,6 +149,7 @@ def train(cfg: DictConfig, extra_callbacks=()):
     `extra_callbacks` are appended to the configured ones (programmatic use: benchmarks, notebooks).
     """
     check_secret_interpolations(cfg)
+    check_top_level_keys(cfg, "train")
     resolve_references(cfg)  # recipe://<name> -> the product's path, trained first if missing
     check_config(cfg)
     product = product_dir(cfg)  # recipes (`recipe:` node): a cached product skips training

@@ -15,6 +15,7 @@ from hydra.errors import MissingConfigException
 
 import reflectionflow
 from reflectionflow import recipes
+from reflectionflow.config import check_top_level_keys
 
 APPS = ("train", "infer")
 PACKAGE = Path(reflectionflow.__file__).parent
@@ -38,6 +39,17 @@ def test_every_experiment_composes_in_its_app(compose_config, app, experiment):
     cfg = compose_config(app, f"experiment={experiment}")
     assert ("model" if app == "train" else "weights") in cfg
     assert ("weights" if app == "train" else "model") not in cfg
+    check_top_level_keys(cfg, app)
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_an_unknown_top_level_key_fails_in_one_line(tmp_path, capfd, app):
+    """`+serach.width=4` (a typo) would otherwise add a node nothing reads."""
+    done = run_in_process(app, "experiment=tiny", "+serach.width=4", capture=capfd, cache=tmp_path, cwd=tmp_path)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unknown top-level config key 'serach'" in errors[0], done.stderr[-2000:]
+    assert "seed" in errors[0] if app == "train" else "search" in errors[0]
 
 
 @pytest.mark.parametrize(("app", "experiment"), [("infer", "genref"), ("infer", "shapes_base"), ("train", "geneval"),

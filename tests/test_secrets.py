@@ -15,7 +15,7 @@ from reflectionflow.search.errors import SetupError
 
 KEY = "sk-proj-RFTEST-3e8a61f0c4-never-written"
 ENV = {"OPENAI_API_KEY": KEY}
-OVERRIDES = [f"+api_token={KEY}", f"+paths.hf_token={KEY}"]
+OVERRIDES = [f"+paths.api_token={KEY}", f"+paths.hf_token={KEY}"]  # train's free `paths` node
 INTERPOLATED = "${oc.env:OPENAI_API_KEY}"
 
 
@@ -48,7 +48,7 @@ def test_train_writes_no_key_given_as_overrides(tmp_path, tiny_flux_path, capfd)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run_dir / "lora" / "final").is_dir()
-    assert "+api_token=<redacted>" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "+paths.api_token=<redacted>" in (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert_nowhere(run_dir, done)
 
 
@@ -61,7 +61,6 @@ def test_infer_writes_no_key_given_as_overrides_or_in_a_prompt(tmp_path, capfd):
         "verifier=deterministic",
         "search=noise",
         "progress=false",
-        *OVERRIDES,
         f"prompt={INTERPOLATED}",
         f"reflector.chat.api_key_env={KEY}",
         f"+refiner.chat.api_key={KEY}",
@@ -95,6 +94,21 @@ def test_infer_refuses_a_key_in_the_config(tmp_path, monkeypatch, overrides, mes
         run(cfg, tmp_path)
     assert str(err.value).startswith(message) and "OPENAI_API_KEY" in str(err.value)
     assert "3e8a61f0c4" not in str(err.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("app", ["train", "infer"])
+def test_a_refused_unknown_key_writes_no_secret(tmp_path, capfd, app):
+    """`+api_token=<key>`: an unknown top-level key, refused in one line that names it, and the key is in
+    no file of the refused run and not in its output."""
+    run_dir = tmp_path / "run"
+    done = run_in_process(app, "experiment=tiny", f"+api_token={KEY}", f"hydra.run.dir={run_dir}",
+                          capture=capfd, cache=tmp_path / "cache", env=ENV)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unknown top-level config key 'api_token'" in errors[0], done.stderr[-2000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert [p for p in files if b"3e8a61f0c4" in p.read_bytes()] == []
+    assert "3e8a61f0c4" not in done.stdout + done.stderr
 
 
 def test_train_refuses_an_interpolated_secret_before_loading(tmp_path, monkeypatch):
