@@ -19,14 +19,18 @@ OVERRIDES = [f"+paths.api_token={KEY}", f"+paths.hf_token={KEY}"]  # train's fre
 INTERPOLATED = "${oc.env:OPENAI_API_KEY}"
 
 
+def assert_key_absent(root: Path, done) -> None:
+    """The key is in no file under `root` and not in the console output."""
+    assert [p for p in root.rglob("*") if p.is_file() and b"3e8a61f0c4" in p.read_bytes()] == []
+    assert "3e8a61f0c4" not in done.stdout + done.stderr
+
+
 def assert_nowhere(run_dir: Path, done) -> None:
-    """The key is in no file under `run_dir` and not in the console output."""
-    files = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert (run_dir / ".hydra" / "overrides.yaml") in files and list(
+    """A finished run (its saved overrides and W&B run written) holds the key nowhere."""
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file() and list(
         run_dir.glob("wandb/offline-run-*/run-*.wandb")
     )
-    assert [p for p in files if b"3e8a61f0c4" in p.read_bytes()] == []
-    assert "3e8a61f0c4" not in done.stdout + done.stderr
+    assert_key_absent(run_dir, done)
 
 
 def test_train_writes_no_key_given_as_overrides(tmp_path, tiny_flux_path, capfd):
@@ -106,9 +110,7 @@ def test_a_refused_unknown_key_writes_no_secret(tmp_path, capfd, app):
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "unknown top-level config key 'api_token'" in errors[0], done.stderr[-2000:]
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert [p for p in files if b"3e8a61f0c4" in p.read_bytes()] == []
-    assert "3e8a61f0c4" not in done.stdout + done.stderr
+    assert_key_absent(tmp_path, done)
 
 
 def test_train_refuses_an_interpolated_secret_before_loading(tmp_path, monkeypatch):
