@@ -133,3 +133,9 @@ def test_bad_data_config_fails_in_one_line(tmp_path):
         ShapesTripletsDataModule(str(tmp_path), editing_fraction=1.5)
     with pytest.raises(ValueError, match="model_samples"):
         ShapesTripletsDataModule(str(tmp_path), model_samples=0, rendered=0)
+    with pytest.raises(ValueError, match="rendered_weighting"):
+        ShapesTripletsDataModule(str(tmp_path), rendered_weighting="failures")
+    with pytest.raises(ValueError, match="model_failures needs data.model_samples"):
+        ShapesTripletsDataModule(str(tmp_path), model_samples=0, rendered_weighting="model_failures")
+    with pytest.raises(ValueError, match="rendered_compound"):
+        ShapesTripletsDataModule(str(tmp_path), rendered_compound=2.0)

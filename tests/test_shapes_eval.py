@@ -10,6 +10,7 @@ import pytest
 from helpers.cli import run_cli
 from PIL import Image
 
+from reflectionflow.shapes.corrections import corrections, main, pass_rates
 from reflectionflow.shapes.search import ShapesChecker, ShapesPromptRefiner, ShapesVerifier, shapes_prompts
 from reflectionflow.shapes.world import PromptSpec, all_specs, render_scene, sample_scene
 
@@ -109,6 +110,8 @@ def test_shapes_experiment_writes_results_table_and_plot(tmp_path, shapes_flux, 
                 assert job["per_prompt_budget"]["images"] == job["search_budget"]
             if job["preset"] != "noise" and job["search_budget"] == 2:  # a reflection per corrected image
                 assert job["budget"]["reflector"]["calls"] == job["budget"]["images"] - 6 > 0
+        if run["budgets"][0]["preset"] == "reflectionflow":  # every corrected image is read back, judged
+            assert len(corrections(path.parent)) == run["budget"]["corrected_images"] > 0
     assert presets == {"noise", "reflectionflow", "reflectionflow_no_condition"}
     rows = list(csv.DictReader((tmp_path / "sweep" / "scaling.csv").open()))
     assert len(rows) == 6
@@ -131,3 +134,30 @@ def test_cell_fidelity_splits_a_correction_into_edited_and_kept_cells():
         assert cell_fidelity(flawed, target, flawed) == ([False], [True])
         blank = detect_scene(Image.new("RGB", case.bad.size))
         assert cell_fidelity(flawed, target, blank) == ([False], [False])
+
+
+def test_corrections_are_counted_per_edit_type_category_and_round(tmp_path, capsys):
+    def candidate(round_, reflection, correct):
+        return {"round": round_, "reflection": reflection,
+                "score": {"value": float(correct), "ok": True, "details": {"correct": correct}}}
+
+    searches = {
+        "00000": ("position", [candidate(0, None, False),
+                               candidate(1, "Move the red circle to the left of the blue square.", False),
+                               candidate(2, "Change the blue circle to red. Move the red circle to the left of "
+                                            "the blue square.", True)]),
+        "00001": ("counting", [candidate(0, None, False), candidate(1, "Remove one circle.", True)]),
+    }
+    for index, (tag, candidates) in searches.items():
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "search.json").write_text(json.dumps({"tag": tag, "candidates": candidates}))
+    rates = pass_rates(corrections(tmp_path))
+    assert rates["all"] == (2 / 3, 3)
+    assert rates["move"] == (0.5, 2) and rates["only move"] == (0.0, 1) and rates["colour change"] == (1.0, 1)
+    assert rates["removal"] == rates["only removal"] == (1.0, 1)
+    assert rates["1 edit"] == (0.5, 2) and rates["2+ edits"] == (1.0, 1)
+    assert rates["position"] == (0.5, 2) and rates["round 2"] == (1.0, 1)
+    main([str(tmp_path)])
+    assert "| only move | 0.0% (1) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: .* holds no corrected images"):
+        main([str(tmp_path / "00000")])

@@ -90,3 +90,23 @@ def test_heldout_cases_narrow_to_a_rung_of_the_ladder_and_default_to_every_promp
     assert {c.meta["spec"].tag for c in rung} == {"color_attr", "position"}
     assert {c.meta["flaw"] for c in rung} == {"wrong_color"}
     assert all(c.reflection.startswith("Change ") for c in rung)
+
+
+def test_compound_renders_carry_two_mistakes_and_weights_pick_the_categories():
+    from reflectionflow.shapes.evaluation import edit_groups
+
+    single = list(rendered_triplets(60, seed=0, editing_fraction=1.0))
+    assert all("+" not in t.meta["flaw"] for t in single)
+    # The defaults draw what they drew before the options existed (cached shards stay valid).
+    assert [t.reflection for t in single] == [t.reflection for t in rendered_triplets(
+        60, seed=0, editing_fraction=1.0, tag_weights=None, compound=0.0)]
+    compound = list(rendered_triplets(60, seed=0, editing_fraction=1.0, compound=1.0))
+    two = [t for t in compound if "+" in t.meta["flaw"]]
+    assert len(two) > 40  # a second mistake the checker sees is found for most scenes
+    assert all(len(t.meta["problems"]) >= 2 for t in two)
+    assert sum(edit_groups(t.reflection)[1] == "2+ edits" for t in two) > 0.8 * len(two)
+    for t in two:  # still a triplet: the flawed image fails, the good one passes
+        spec = PromptSpec.from_geneval(t.meta["geneval"])
+        assert not check_image(t.bad, spec).correct and check_image(t.good, spec).correct
+    weighted = list(rendered_triplets(40, seed=0, tags=("position", "colors"), tag_weights=[1.0, 0.0]))
+    assert {t.meta["geneval"]["tag"] for t in weighted} == {"position"}

@@ -6,5 +6,6 @@ editor, the rule-based reflector, flaw generators and (flawed, reflection, good)
 `triplets` feed the recipes (prompt-image pairs; GenRef-format triplet shards), `vae`, `base` and
 `corrector` are the recipes' LightningModules (each exports a product with its checker metrics, through
 `evaluation`), `search` holds the search backends (checker as verifier and checker, rule-based reflector
-and prompt refiner, the held-out prompt set).
+and prompt refiner, the held-out prompt set), `corrections` reads a finished search's corrections back per
+edit type, category and round.
 """

@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from reflectionflow.config import check_option
 from reflectionflow.data.datamodule import GenRefDataModule
 from reflectionflow.data.transforms import t5_text
 from reflectionflow.shapes.world import (
@@ -49,6 +50,7 @@ SHARD_NAME = "shapes-%06d.tar"
 JPEG_QUALITY = 95
 """With 4:4:4 chroma the checker reads these JPEGs exactly (tested); 4:2:0 would halve colour
 resolution on shapes a dozen pixels wide."""
+RENDERED_WEIGHTINGS = ("uniform", "model_failures")
 FORMAT_VERSION = 1  # bump when the way triplets are made changes, so old caches are not reused
 
 
@@ -178,6 +180,11 @@ class ShapesTripletsDataModule(GenRefDataModule):
             paired with a passing sample of the same prompt (`rule`, as GenRef's rule-based pairs).
         rendered_tags / rendered_flaws: categories and flaw kinds of the flawed renders (null: all), to
             train on one edit type at a time.
+        rendered_weighting: how the flawed renders' categories are drawn: `uniform`, or `model_failures`
+            (in the proportions of the base model's failing samples per category, as GenRef's flawed
+            images are its models' failures; needs model_samples > 0).
+        rendered_compound: share of the flawed renders with a second mistake of another kind (a model's
+            failures often have two: a swapped colour and a wrong place).
         instruction_edits: editing triplets whose flawed image satisfies the prompt and whose reflection asks
             for an edit the prompt leaves open (`world.triplets.instruction_triplets`): only the reflection
             says what to change, as in GenRef's instruction-editing pairs.
@@ -201,6 +208,8 @@ class ShapesTripletsDataModule(GenRefDataModule):
         rule_fraction: float = 0.0,
         rendered_tags: list[str] | None = None,
         rendered_flaws: list[str] | None = None,
+        rendered_weighting: str = "uniform",
+        rendered_compound: float = 0.0,
         instruction_edits: int = 0,
         image_size: int = 48,
         samples_per_shard: int = 500,
@@ -210,7 +219,12 @@ class ShapesTripletsDataModule(GenRefDataModule):
         if min(model_samples, rendered, instruction_edits) < 0 or model_samples + rendered + instruction_edits == 0:
             raise ValueError(f"data.model_samples ({model_samples}), data.rendered ({rendered}) and "
                              f"data.instruction_edits ({instruction_edits}) must be >= 0, not all 0")
-        for name, value in (("editing_fraction", editing_fraction), ("rule_fraction", rule_fraction)):
+        check_option("data.rendered_weighting", rendered_weighting, RENDERED_WEIGHTINGS)
+        if rendered_weighting == "model_failures" and model_samples == 0:
+            raise ValueError("data.rendered_weighting=model_failures needs data.model_samples > 0: the weights "
+                             "are the base model's failing samples per category")
+        for name, value in (("editing_fraction", editing_fraction), ("rule_fraction", rule_fraction),
+                            ("rendered_compound", rendered_compound)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {value}")
         if samples_per_prompt < 1:
@@ -235,6 +249,11 @@ class ShapesTripletsDataModule(GenRefDataModule):
             "samples_per_shard": int(samples_per_shard),
             "seed": int(seed),
         }
+        # Absent at their defaults, so the shards built before these options existed stay valid.
+        if rendered_weighting != "uniform":
+            self.build_config["rendered_weighting"] = rendered_weighting
+        if rendered_compound:
+            self.build_config["rendered_compound"] = float(rendered_compound)
         self.directory = triplets_dir(self.build_config)
         super().__init__(shards=str(self.directory / SHARD_NAME.replace("%06d", "*")), seed=seed, **genref)
 
@@ -258,9 +277,17 @@ class ShapesTripletsDataModule(GenRefDataModule):
                 rule_fraction=r["rule_fraction"],
             )
         flaws = None if r["rendered_flaws"] is None else tuple(r["rendered_flaws"])
+        tags = tuple(r["rendered_tags"])
+        weights = None
+        if r.get("rendered_weighting") == "model_failures":
+            failing = Counter(t.meta["geneval"]["tag"] for t in model_triplets)
+            weights = [failing[tag] + 1 for tag in tags]  # +1: a category the model never fails keeps a few
+            log.info("flawed renders per category in the proportions of the model's failures: %s",
+                     dict(zip(tags, weights, strict=True)))
         rendered = list(rendered_triplets(r["rendered"], seed=r["seed"], size=r["image_size"],
-                                          editing_fraction=r["editing_fraction"], split="train",
-                                          tags=tuple(r["rendered_tags"]), flaws=flaws))
+                                          editing_fraction=r["editing_fraction"], split="train", tags=tags,
+                                          flaws=flaws, tag_weights=weights,
+                                          compound=r.get("rendered_compound", 0.0)))
         instructions = list(instruction_triplets(r["instruction_edits"], seed=r["seed"], size=r["image_size"]))
         triplets = model_triplets + rendered + instructions
         order = np.random.default_rng([r["seed"], 2]).permutation(len(triplets))  # mix sources across shards

@@ -9,7 +9,7 @@ generation); `general` when it is an independent correct render of the prompt.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -83,19 +83,27 @@ def rendered_triplets(
     split: str = "train",
     tags: tuple[str, ...] = CATEGORIES,
     flaws: tuple[str, ...] | None = None,
+    tag_weights: Sequence[float] | None = None,
+    compound: float = 0.0,
 ) -> Iterator[Triplet]:
-    """`n` triplets whose flawed images are renders of correct scenes with one typical mistake each, of the
-    categories `tags` and (if given) only of the flaw kinds `flaws` (e.g. one edit type at a time)."""
+    """`n` triplets whose flawed images are renders of correct scenes with a typical mistake, of the
+    categories `tags` (uniform, or in the proportions `tag_weights`) and (if given) only of the flaw kinds
+    `flaws` (e.g. one edit type at a time). A share `compound` of the scenes get a second mistake of
+    another kind, as a model's failures often have two (a swapped colour and a wrong place)."""
     rng = np.random.default_rng(seed)
+    p = None if tag_weights is None else np.asarray(tag_weights, dtype=float) / np.sum(tag_weights)
     made = 0
     for _ in range(20 * n + 100):
         if made == n:
             return
-        spec, scene = sample_example(rng, split, tags)
+        category = tags if p is None else (tags[int(rng.choice(len(tags), p=p))],)
+        spec, scene = sample_example(rng, split, category)
         allowed = applicable_flaws(spec, flaws)
         if not allowed:
             continue
         flawed, flaw = make_flawed(spec, scene, rng, None if flaws is None else str(rng.choice(allowed)))
+        if compound > 0 and rng.random() < compound:
+            flawed, flaw = _second_flaw(spec, flawed, flaw, allowed, rng)
         editing = bool(rng.random() < editing_fraction)
         triplet = make_triplet(
             spec, render_scene(flawed, size), rng, editing=editing, size=size, meta={"flaw": flaw}
@@ -104,6 +112,25 @@ def rendered_triplets(
             made += 1
             yield triplet
     raise RuntimeError(f"only {made} of {n} flawed renders gave usable triplets")
+
+
+def _second_flaw(
+    spec: PromptSpec, flawed: Scene, first: str, allowed: tuple[str, ...], rng: np.random.Generator, tries: int = 4
+) -> tuple[Scene, str]:
+    """`flawed` with a mistake of another kind too ("first+second") that the checker sees as one more
+    problem (not a change to the object the first mistake already spoiled, which it would hide), or as it
+    is when no such mistake is found in `tries`."""
+    others = [f for f in allowed if f != first]
+    problems = len(check_scene(flawed, spec).problems)
+    for _ in range(tries if others else 0):
+        second = str(rng.choice(others))
+        try:
+            twice, _ = make_flawed(spec, flawed, rng, second)
+        except (IndexError, ValueError):  # a flaw that needs an object the first mistake removed
+            continue
+        if len(check_scene(twice, spec).problems) > problems:
+            return twice, f"{first}+{second}"
+    return flawed, first
 
 
 INSTRUCTION_KINDS = ("colour", "move")
