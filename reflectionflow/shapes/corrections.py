@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
-from reflectionflow.shapes.evaluation import EDIT_TYPES, edit_groups
+from reflectionflow.shapes.evaluation import EDIT_TYPES, edit_groups, rates
 
 
 def corrections(job_dir: Path) -> list[dict]:
@@ -39,18 +40,17 @@ def corrections(job_dir: Path) -> list[dict]:
 
 def groups(record: dict) -> list[str]:
     """The rows a correction counts in."""
-    only = "only " + record["kinds"][0] if len(record["kinds"]) == 1 else None
-    return [*record["kinds"], *([only] if only else []), record["edits"], record["tag"], f"round {record['round']}"]
+    kinds = record["kinds"]
+    only = [f"only {kinds[0]}"] if len(kinds) == 1 else []
+    return ["all", *kinds, *only, record["edits"], record["tag"], f"round {record['round']}"]
 
 
-def pass_rates(records: Iterable[dict]) -> dict[str, tuple[float, int]]:
-    """(share passed, corrections) per row of `groups`, plus `all`."""
-    counts: dict[str, list[int]] = {}
-    for record in records:
-        for name in ["all", *groups(record)]:
-            passed, total = counts.setdefault(name, [0, 0])
-            counts[name] = [passed + record["correct"], total + 1]
-    return {name: (passed / total, total) for name, (passed, total) in counts.items()}
+def pass_rates(records: Sequence[dict]) -> dict[str, tuple[float, int]]:
+    """(share passed, corrections) per row of `groups`."""
+    rows = [groups(record) for record in records]
+    shares = rates([record["correct"] for record in records], rows)
+    sizes = Counter(name for row in rows for name in row)
+    return {name: (share, sizes[name]) for name, share in shares.items()}
 
 
 def table(jobs: Sequence[tuple[str, dict[str, tuple[float, int]]]]) -> str:

@@ -121,8 +121,10 @@ def _second_flaw(
     problem (not a change to the object the first mistake already spoiled, which it would hide), or as it
     is when no such mistake is found in `tries`."""
     others = [f for f in allowed if f != first]
+    if not others:
+        return flawed, first
     problems = len(check_scene(flawed, spec).problems)
-    for _ in range(tries if others else 0):
+    for _ in range(tries):
         second = str(rng.choice(others))
         try:
             twice, _ = make_flawed(spec, flawed, rng, second)
