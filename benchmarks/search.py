@@ -9,7 +9,13 @@ vs the same calls made one after another. Goal: engine <= 0.5x of sequential.
 at once (their rounds share micro-batches) vs one prompt at a time; checks that both give the same
 selections (batched FLUX differs from unbatched only by float rounding).
 
-    python benchmarks/search.py [--case api|cross_prompt] [--latency 0.3] [--generator deterministic|tiny_flux]
+`--case batch`: the generator's milliseconds per image at batch sizes 8..128, base images and corrections
+(a condition image and a reflection), each against batch 8 measured in the same run: whether fuller
+batches (`concurrent_prompts`, `micro_batch`) would make a search faster. `--generator shapes` times the
+shapes miniature's built recipes at its search settings (48 px, 10 steps, true CFG 2.0).
+
+    python benchmarks/search.py [--case api|cross_prompt|batch] [--latency 0.3]
+                                [--generator deterministic|tiny_flux|shapes]
 """
 
 from __future__ import annotations
@@ -47,6 +53,13 @@ from reflectionflow.search.verifiers import OpenAIVerifier, Score  # noqa: E402
 
 
 def make_generator(kind: str, micro_batch: int = 4):
+    if kind == "shapes":
+        from reflectionflow.recipes import built_product
+
+        return FluxGenerator(
+            str(built_product("shapes_base")), str(built_product("shapes_corrector") / "lora"), height=48,
+            width=48, num_inference_steps=10, true_cfg_scale=2.0, micro_batch=micro_batch, max_sequence_length=32,
+        )
     if kind == "tiny_flux":
         return FluxGenerator(
             "tiny", height=128, width=128, num_inference_steps=8, condition_size=64, micro_batch=micro_batch
@@ -124,6 +137,34 @@ def cross_prompt(args: argparse.Namespace) -> None:
     print(f"ratio {seconds[args.concurrency] / seconds[1]:.2f}x ({same})")
 
 
+def batch(args: argparse.Namespace) -> None:
+    sizes = (8, 16, 32, 64, 128)
+    generator = make_generator(args.generator, micro_batch=max(sizes))
+    prompt = "a photo of a red square and a blue circle"
+    [condition] = generator.generate([GenerationRequest(prompt=prompt, original_prompt=prompt, seed=0)])
+    print(f"generator {args.generator}: ms per image by batch size (each timed for >= {args.seconds} s)")
+    for kind in ("base", "correction"):
+        per_image = {}
+        for size in sizes:
+            requests = [
+                GenerationRequest(
+                    prompt=f"{prompt} {i}", original_prompt=f"{prompt} {i}", seed=i,
+                    condition=condition.image if kind == "correction" else None,
+                    reflection="Change the red square to green." if kind == "correction" else None,
+                )
+                for i in range(size)
+            ]
+            generator.generate(requests)  # warm-up: text embeddings, allocator
+            start, calls = time.perf_counter(), 0
+            while time.perf_counter() - start < args.seconds:
+                generator.generate(requests)
+                calls += 1
+            per_image[size] = (time.perf_counter() - start) / (calls * size) * 1000
+        print(kind.ljust(12) + "  ".join(
+            f"{size}: {ms:5.1f} ms ({ms / per_image[sizes[0]]:.2f}x)" for size, ms in per_image.items()
+        ))
+
+
 async def main(args: argparse.Namespace) -> None:
     config = SearchConfig(width=4, depth=3, axes=Axes(noise=True, reflection=True))
     item = geneval_prompts()[args.prompt]
@@ -161,13 +202,16 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.3)
-    parser.add_argument("--generator", choices=("deterministic", "tiny_flux"), default="deterministic")
+    parser.add_argument("--generator", choices=("deterministic", "tiny_flux", "shapes"), default="deterministic")
     parser.add_argument("--prompt", type=int, default=400, help="index into GenEval's prompts (api)")
-    parser.add_argument("--case", choices=("api", "cross_prompt"), default="api")
+    parser.add_argument("--case", choices=("api", "cross_prompt", "batch"), default="api")
+    parser.add_argument("--seconds", type=float, default=4.0, help="timing per batch size (batch)")
     parser.add_argument("--prompts", type=int, default=32, help="prompts searched (cross_prompt)")
     parser.add_argument("--concurrency", type=int, default=16, help="prompts at once (cross_prompt)")
     args = parser.parse_args()
     if args.case == "cross_prompt":
         cross_prompt(args)
+    elif args.case == "batch":
+        batch(args)
     else:
         asyncio.run(main(args))
